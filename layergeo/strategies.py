@@ -1,0 +1,254 @@
+"""Layer-mapping strategies: which teacher state each student state imitates.
+
+Indexing follows Hugging Face ``output_hidden_states``: index 0 is the embedding
+output, index k the output of layer k. A teacher of depth L_T has states
+T0..T_{L_T}, a student of depth L_S has S0..S_{L_S}. A mapping is a list of
+``(student_index, teacher_index)`` pairs.
+
+Strategies are registered with ``@register("name")``; each builds a
+:class:`Mapper` that realises the pairs used at a given epoch and step. Only
+``rail`` changes during training; every other mapping is fixed for the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from layergeo.errors import LayergeoError
+
+Pair = tuple[int, int]
+
+
+@dataclass
+class MappingOptions:
+    """Options shared by the strategies (the ``matching`` section of a config)."""
+
+    strategy: str = "forward"
+    embeddings: bool = True  # add the S0 -> T0 pair (all_to_one maps S0 to its target instead)
+    target: int | None = None  # all_to_one target; the middle teacher layer when None
+    pairs: str | None = None  # explicit "1:4,2:8,3:12"
+    rail_every_steps: int | None = None  # rail: resample every N steps instead of every epoch
+    shuffle: str = "fair"  # "fair": neither forward nor reverse order; "any": any permutation
+
+
+def forward_targets(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers: student layer j -> ceil(j * L_T / L_S), j = 1..L_S."""
+    _check_depths(teacher_layers, student_layers)
+    return [math.ceil(j * teacher_layers / student_layers) for j in range(1, student_layers + 1)]
+
+
+def parse_pairs(text: str) -> list[Pair]:
+    """Parse ``"0:0,1:4,2:8"`` into ``[(0, 0), (1, 4), (2, 8)]``."""
+    pairs = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            s, t = item.split(":")
+            pairs.append((int(s), int(t)))
+        except ValueError:
+            raise LayergeoError(
+                f"cannot read layer pair {item!r} in {text!r}; write student:teacher pairs such as '1:4,2:8,3:12'"
+            ) from None
+    if not pairs:
+        raise LayergeoError(f"no layer pairs in {text!r}; write student:teacher pairs such as '1:4,2:8,3:12'")
+    return pairs
+
+
+class Mapper:
+    """Realises the layer pairs of one run; fixed unless the strategy resamples.
+
+    ``pairs_at(epoch, step)`` gives the pairs in force; ``period(epoch, step)``
+    identifies when they may change (a new period means a new mapping to log).
+    """
+
+    def __init__(self, name: str, teacher_layers: int, student_layers: int, pairs: list[Pair], note: str = ""):
+        self.name = name
+        self.teacher_layers = teacher_layers
+        self.student_layers = student_layers
+        self.note = note
+        self._pairs = pairs
+        validate_pairs(pairs, teacher_layers, student_layers)
+
+    @property
+    def dynamic(self) -> bool:
+        return False
+
+    def period(self, epoch: int, step: int) -> int:
+        return 0
+
+    def pairs_at(self, epoch: int = 0, step: int = 0) -> list[Pair]:
+        return list(self._pairs)
+
+    def student_states(self) -> list[int]:
+        """Student indices that can ever be matched (each needs a projection when widths differ)."""
+        return sorted({s for s, _ in self._pairs})
+
+    def teacher_states(self) -> list[int]:
+        """Teacher indices that can ever be matched (what a teacher cache must keep)."""
+        return sorted({t for _, t in self._pairs})
+
+
+class RailMapper(Mapper):
+    """RAIL-KD in-order random: L_S distinct teacher layers, sorted, redrawn each period.
+
+    A period is an epoch, or ``every_steps`` optimiser steps when given. The draw
+    for period p uses its own generator seeded by (seed, p), so it does not depend
+    on data order or on how many draws came before.
+    """
+
+    def __init__(self, teacher_layers: int, student_layers: int, seed: int, embeddings: bool, every_steps: int | None):
+        self.seed = seed
+        self.embeddings = embeddings
+        self.every_steps = every_steps
+        self.teacher_layers, self.student_layers = teacher_layers, student_layers
+        super().__init__("rail", teacher_layers, student_layers, self._draw(0))
+
+    @property
+    def dynamic(self) -> bool:
+        return True
+
+    def period(self, epoch: int, step: int) -> int:
+        return step // self.every_steps if self.every_steps else epoch
+
+    def _draw(self, period: int) -> list[Pair]:
+        rng = np.random.default_rng([self.seed, period])
+        chosen = np.sort(rng.choice(np.arange(1, self.teacher_layers + 1), self.student_layers, replace=False))
+        pairs = [(j + 1, int(t)) for j, t in enumerate(chosen)]
+        return [(0, 0)] + pairs if self.embeddings else pairs
+
+    def pairs_at(self, epoch: int = 0, step: int = 0) -> list[Pair]:
+        return self._draw(self.period(epoch, step))
+
+    def student_states(self) -> list[int]:
+        return ([0] if self.embeddings else []) + list(range(1, self.student_layers + 1))
+
+    def teacher_states(self) -> list[int]:
+        return ([0] if self.embeddings else []) + list(range(1, self.teacher_layers + 1))
+
+
+StrategyFn = Callable[[int, int, MappingOptions, int], Mapper]
+_REGISTRY: dict[str, StrategyFn] = {}
+
+
+def register(name: str) -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator: ``@register("reverse")`` adds a strategy builder to the registry."""
+
+    def wrap(fn: StrategyFn) -> StrategyFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def strategy_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def build_mapper(options: MappingOptions, teacher_layers: int, student_layers: int, seed: int = 0) -> Mapper:
+    """The mapper for ``options.strategy``; ``"1:4,2:8"`` is accepted as an explicit mapping."""
+    _check_depths(teacher_layers, student_layers)
+    name = options.strategy
+    if name not in _REGISTRY:
+        if ":" in name:
+            return _explicit(teacher_layers, student_layers, MappingOptions(strategy="explicit", pairs=name), seed)
+        raise LayergeoError(
+            f"unknown matching strategy {name!r}; choose one of {', '.join(_REGISTRY)} "
+            "or give explicit pairs such as '1:4,2:8,3:12'"
+        )
+    return _REGISTRY[name](teacher_layers, student_layers, options, seed)
+
+
+def validate_pairs(pairs: list[Pair], teacher_layers: int, student_layers: int) -> None:
+    for s, t in pairs:
+        if not 0 <= s <= student_layers:
+            raise LayergeoError(
+                f"student layer {s} is out of range: a {student_layers}-layer student has states 0..{student_layers}"
+            )
+        if not 0 <= t <= teacher_layers:
+            raise LayergeoError(
+                f"teacher layer {t} is out of range: a {teacher_layers}-layer teacher has states 0..{teacher_layers}"
+            )
+    students = [s for s, _ in pairs]
+    if len(set(students)) != len(students):
+        raise LayergeoError(f"student state matched twice in {pairs}; give each student state one teacher state")
+
+
+def _check_depths(teacher_layers: int, student_layers: int) -> None:
+    if teacher_layers < 1 or student_layers < 1:
+        raise LayergeoError("teacher and student need at least one layer each")
+    if student_layers > teacher_layers:
+        raise LayergeoError(
+            f"the student ({student_layers} layers) is deeper than its teacher ({teacher_layers} layers); "
+            f"choose at most {teacher_layers} student layers"
+        )
+
+
+def _with_embeddings(targets: list[int], options: MappingOptions) -> list[Pair]:
+    pairs = [(j + 1, t) for j, t in enumerate(targets)]
+    return [(0, 0)] + pairs if options.embeddings else pairs
+
+
+@register("forward")
+def _forward(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    return Mapper("forward", lt, ls, _with_embeddings(forward_targets(lt, ls), options))
+
+
+@register("reverse")
+def _reverse(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    return Mapper("reverse", lt, ls, _with_embeddings(forward_targets(lt, ls)[::-1], options))
+
+
+@register("all_to_one")
+def _all_to_one(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    target = lt // 2 if options.target is None else options.target
+    first = 0 if options.embeddings else 1
+    return Mapper("all_to_one", lt, ls, [(s, target) for s in range(first, ls + 1)], note=f"every state -> T{target}")
+
+
+@register("shuffle")
+def _shuffle(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    """A fixed random permutation of the forward targets, drawn once per seed.
+
+    ``shuffle="fair"`` redraws until the order is neither forward nor reverse, so
+    shuffle is a different treatment from both; that is impossible with fewer
+    than three student layers, where the plain permutation is used and said so.
+    """
+    if options.shuffle not in ("fair", "any"):
+        raise LayergeoError(f"unknown shuffle mode {options.shuffle!r}; choose 'fair' or 'any'")
+    forward = forward_targets(lt, ls)
+    excluded = [forward, forward[::-1]] if options.shuffle == "fair" and ls >= 3 else []
+    rng = np.random.default_rng([seed, 0x5F])
+    order = [int(t) for t in rng.permutation(forward)]
+    while order in excluded:
+        order = [int(t) for t in rng.permutation(forward)]
+    note = "neither forward nor reverse" if excluded else "any permutation"
+    if options.shuffle == "fair" and ls < 3:
+        note = f"any permutation (a {ls}-layer student has no order that is neither forward nor reverse)"
+    return Mapper("shuffle", lt, ls, _with_embeddings(order, options), note=note)
+
+
+@register("rail")
+def _rail(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    if options.rail_every_steps is not None and options.rail_every_steps < 1:
+        raise LayergeoError("matching.rail_every_steps must be a positive number of steps (or null for every epoch)")
+    return RailMapper(lt, ls, seed, options.embeddings, options.rail_every_steps)
+
+
+@register("none")
+def _none(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    return Mapper("none", lt, ls, [], note="no intermediate-layer matching")
+
+
+@register("explicit")
+def _explicit(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+    if not options.pairs:
+        raise LayergeoError("strategy 'explicit' needs matching.pairs, e.g. '1:4,2:8,3:12'")
+    pairs = parse_pairs(options.pairs)
+    if options.embeddings and all(s != 0 for s, _ in pairs):
+        pairs = [(0, 0)] + pairs
+    return Mapper("explicit", lt, ls, sorted(pairs))
