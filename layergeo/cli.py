@@ -128,12 +128,21 @@ def run_mapping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar is enough: silence the per-file bars and notices of transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except LayergeoError as exc:

@@ -8,6 +8,7 @@ wrong type are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,25 @@ class RunConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 integers, so a layer pair like ``1:9`` stays a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if not (tag.endswith(":int") and ":" in regexp.pattern)]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("layergeo.presets").iterdir() if p.name.endswith(".yaml"))
 
@@ -91,13 +111,13 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
     if preset is not None:
         if preset not in preset_names():
             raise LayergeoError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
-        raw = _deep_merge(raw, yaml.safe_load(resources.files("layergeo.presets").joinpath(f"{preset}.yaml").read_text()))
+        raw = _deep_merge(raw, _yaml(resources.files("layergeo.presets").joinpath(f"{preset}.yaml").read_text()))
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise LayergeoError(f"config file {path} does not exist; give a YAML file such as runs/X/config.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise LayergeoError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
@@ -107,7 +127,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise LayergeoError(f"override {item!r} must look like key=value, e.g. student.layers=3")
-        raw = _deep_merge(raw, _nested(key.strip().split("."), yaml.safe_load(value)))
+        raw = _deep_merge(raw, _nested(key.strip().split("."), _yaml(value)))
     return from_dict(RunConfig, raw)
 
 
@@ -158,8 +178,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise LayergeoError(f"config key {key!r} got {value!r}, which is not a {_type_name(hint)}")
     if origin is list:
         (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
+        if isinstance(value, str):  # "2,4,6" from --set: read each item as YAML, like a scalar value
+            value = [yaml.safe_load(v) for v in value.replace(" ", "").split(",") if v]
         if not isinstance(value, list):
             raise LayergeoError(f"config key {key!r} needs a list, e.g. [2, 4, 6], got {value!r}")
         return [_coerce(item, v, key) for v in value]
@@ -172,6 +192,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
