@@ -127,7 +127,11 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise LayergeoError(f"override {item!r} must look like key=value, e.g. student.layers=3")
-        raw = _deep_merge(raw, _nested(key.strip().split("."), _yaml(value)))
+        try:
+            parsed = _yaml(value)
+        except yaml.YAMLError as exc:
+            raise LayergeoError(f"override {item!r} has a value that is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raw = _deep_merge(raw, _nested(key.strip().split("."), parsed))
     return from_dict(RunConfig, raw)
 
 
@@ -179,7 +183,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):  # "2,4,6" from --set: read each item as YAML, like a scalar value
-            value = [yaml.safe_load(v) for v in value.replace(" ", "").split(",") if v]
+            value = [_scalar(v) for v in value.replace(" ", "").split(",") if v]
         if not isinstance(value, list):
             raise LayergeoError(f"config key {key!r} needs a list, e.g. [2, 4, 6], got {value!r}")
         return [_coerce(item, v, key) for v in value]
@@ -201,6 +205,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise LayergeoError(f"config key {key!r} got {value!r}, which is not a {_type_name(hint)}")
+
+
+def _scalar(text: str) -> Any:
+    """One item of a comma-separated list, read as YAML (``"4"`` -> 4); left a string when it is not YAML."""
+    try:
+        return _yaml(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _type_name(hint: Any) -> str:

@@ -155,7 +155,8 @@ def build_mapper(options: MappingOptions, teacher_layers: int, student_layers: i
     name = options.strategy
     if name not in _REGISTRY:
         if ":" in name:
-            return _explicit(teacher_layers, student_layers, MappingOptions(strategy="explicit", pairs=name), seed)
+            explicit = MappingOptions(strategy="explicit", pairs=name, embeddings=options.embeddings)
+            return _explicit(teacher_layers, student_layers, explicit, seed)
         raise LayergeoError(
             f"unknown matching strategy {name!r}; choose one of {', '.join(_REGISTRY)} "
             "or give explicit pairs such as '1:4,2:8,3:12'"
