@@ -30,6 +30,28 @@ EXAMPLES = {
   layergeo mapping --teacher-layers 12 --student-layers 3 --strategy reverse --format json
   layergeo mapping --teacher-layers 6 --student-layers 3 --strategy rail --epoch 2
   layergeo mapping --teacher-layers 12 --student-layers 3 --strategy 1:4,2:8,3:12""",
+    "angles": """examples:
+  layergeo angles --run runs/reverse                       # trained student, dev split, student space
+  layergeo angles --run runs/reverse --checkpoint init     # the untrained student (the paper's view)
+  layergeo angles --run runs/narrow --space teacher        # T_i - W S_l instead of W^T(T_i - W S_l)
+  layergeo angles --run runs/reverse --texts my_sentences.txt --max-examples 500
+  layergeo angles --runs runs/ --checkpoint both --out runs/comparison   # every run under runs/""",
+    "geometry": """examples:
+  layergeo geometry --run runs/reverse                     # angles + distances, distance ratio, CKA, transitions
+  layergeo geometry --runs runs/forward runs/reverse --out runs/comparison""",
+    "sweep": """examples:
+  layergeo sweep analyses/classification.yaml --dry-run      # list the runs and what is finished
+  layergeo sweep analyses/classification.yaml --out runs     # run (or resume) every run
+  layergeo sweep analyses/width.yaml --devices 0,1           # one run per GPU at a time""",
+    "report": """examples:
+  layergeo report runs/classification                        # tables in runs/classification/report/
+  layergeo report runs/classification --paper                # with the paper's published numbers beside""",
+    "figures": """examples:
+  layergeo figures runs/classification                       # figures in runs/classification/figures/""",
+    "reproduce": """examples:
+  layergeo reproduce                                         # embedded recipe: Rotten Tomatoes, 3 seeds
+  layergeo reproduce --full                                  # + BBC News: the committed results
+  layergeo reproduce --out /tmp/repro --jobs 2""",
 }
 
 
@@ -76,7 +98,121 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--seed", type=int, default=0, help="seed of shuffle and rail")
     mapping.add_argument("--epoch", type=int, default=0, help="rail: the epoch whose draw to show")
     mapping.add_argument("--format", choices=["table", "json"], default="table")
+    for name, extras in (("angles", "the angles"), ("geometry", "angles, distances, the distance ratio, "
+                                                               "debiased linear CKA and the structured cosine")):
+        cmd = sub.add_parser(name, help=f"measure {extras} of the teacher's layers seen from the student",
+                             epilog=EXAMPLES[name], formatter_class=fmt,
+                             description=f"Run the teacher and the student of a run over texts and measure {extras}, "
+                             "for every student state S_l and teacher pair (T_i, T_k): cos(T_i - S_l, T_k - S_l) "
+                             "over non-padding tokens. Acute (cos > 0) means pulling S_l toward one teacher layer "
+                             "also brings it closer to the other.")
+        where = cmd.add_mutually_exclusive_group(required=True)
+        where.add_argument("--run", metavar="DIR", help="one student run directory")
+        where.add_argument("--runs", nargs="+", metavar="DIR", help="several runs, or a folder holding runs: one tidy table")
+        cmd.add_argument("--checkpoint", default="best", help="best (trained, default), init (untrained) or both (with --runs)")
+        cmd.add_argument("--space", default="student", help="student: W^T(T_i - W S_l), the pull the student feels "
+                                                              "(default); teacher: T_i - W S_l")
+        cmd.add_argument("--split", default="dev", help="dataset split of the run to use (default dev)")
+        cmd.add_argument("--texts", metavar="FILE", help="your own sentences, one per line, instead of a split")
+        cmd.add_argument("--max-examples", type=int, metavar="N", help="analyse at most N examples")
+        cmd.add_argument("--max-length", type=int, metavar="N",
+                         help="truncate at N tokens (default: the run's data.max_length; for --texts the model maximum)")
+        cmd.add_argument("--bins", type=int, default=200, help="histogram bins on [-1, 1] (default 200)")
+        cmd.add_argument("--batch-size", type=int, default=32)
+        cmd.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        cmd.add_argument("--out", metavar="DIR", help="output folder (default: <run>/geometry/<checkpoint>-<space>-<source>/; "
+                                                      "with --runs: ./angles-comparison)")
+    sweep = sub.add_parser("sweep", help="run every combination of a grid file", epilog=EXAMPLES["sweep"],
+                           formatter_class=fmt, description="Run the Cartesian product of a grid (see analyses/*.yaml) "
+                           "as independent runs under OUT/<grid name>/runs/. Finished runs are skipped, interrupted "
+                           "ones resumed: kill and restart freely.")
+    sweep.add_argument("grid", metavar="GRID.yaml")
+    sweep.add_argument("--out", default="runs", metavar="DIR", help="parent folder (default: runs)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    sweep.add_argument("--jobs", type=int, default=1, help="parallel runs on this machine (default 1)")
+    sweep.add_argument("--devices", help="comma-separated GPU ids: one run per GPU at a time, e.g. 0,1,2,3")
+
+    report = sub.add_parser("report", help="tables of a sweep: mean ± std, paired differences, spread",
+                            epilog=EXAMPLES["report"], formatter_class=fmt,
+                            description="Aggregate the finished runs under RUNS_DIR into the paper's layout (CSV, "
+                            "Markdown, LaTeX): rows init x strategy, columns task x metric, mean ± std over seeds.")
+    report.add_argument("runs_dir", metavar="RUNS_DIR")
+    report.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/report")
+    report.add_argument("--paper", action="store_true", help="add the paper's published numbers (their setting) beside ours")
+
+    figures = sub.add_parser("figures", help="comparison figures of a sweep", epilog=EXAMPLES["figures"],
+                             formatter_class=fmt, description="Metric per strategy with seed spread, angle heatmaps "
+                             "faceted by strategy, acute fractions untrained vs trained, cosine histograms, loss terms.")
+    figures.add_argument("runs_dir", metavar="RUNS_DIR")
+    figures.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/figures")
+
+    reproduce = sub.add_parser("reproduce", help="the embedded recipe end to end: teacher, grid, geometry, report, figures",
+                               epilog=EXAMPLES["reproduce"], formatter_class=fmt,
+                               description="Run analyses/classification.yaml (or classification-full.yaml with --full) "
+                               "then the report and the figures. Resumable: run it again after an interruption.")
+    reproduce.add_argument("--full", action="store_true", help="both embedded datasets (Rotten Tomatoes and BBC News)")
+    reproduce.add_argument("--out", default="runs", metavar="DIR", help="parent folder (default: runs)")
+    reproduce.add_argument("--jobs", type=int, default=1)
+    reproduce.add_argument("--devices")
     return parser
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from layergeo.sweep import execute
+
+    devices = args.devices.split(",") if args.devices else None
+    runs = execute(args.grid, Path(args.out), jobs=args.jobs, devices=devices, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from layergeo.report import write_report
+
+    out = write_report(args.runs_dir, Path(args.out) if args.out else None, paper=args.paper)
+    print((out / "report.md").read_text())
+    print(f"tables (CSV, Markdown, LaTeX) in {out}")
+    return 0
+
+
+def run_figures(args: argparse.Namespace) -> int:
+    from layergeo.figures import write_figures
+
+    out = write_figures(args.runs_dir, Path(args.out) if args.out else None)
+    print(f"figures (PNG and PDF) in {out}")
+    return 0
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    from layergeo.reproduce import reproduce
+
+    out = reproduce(Path(args.out), full=args.full, jobs=args.jobs, devices=args.devices.split(",") if args.devices else None)
+    print(f"report and figures in {out}")
+    return 0
+
+
+def run_angles(args: argparse.Namespace) -> int:
+    from layergeo.analyse import AngleOptions, analyse_run, compare_runs
+
+    checkpoints = ["init", "best"] if args.checkpoint == "both" else [args.checkpoint]
+    if args.run and len(checkpoints) > 1:
+        raise LayergeoError("--checkpoint both needs --runs; with --run choose init or best")
+    options = AngleOptions(checkpoint=checkpoints[0], space=args.space, split=args.split, texts=args.texts,
+                           max_examples=args.max_examples, max_length=args.max_length, bins=args.bins,
+                           batch_size=args.batch_size, device=args.device, extras=args.command == "geometry")
+    options.check()
+    if args.run:
+        out = analyse_run(args.run, options, Path(args.out) if args.out else None)
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"{summary['n_tokens']} tokens of {summary['n_examples']} examples: {summary['frac_acute']:.1%} of the "
+              f"angles at the student are acute; tables and figures in {out}")
+        return 0
+    out = Path(args.out or "angles-comparison")
+    table = compare_runs(args.runs, options, checkpoints, out)
+    print(table[["run", "strategy", "init", "checkpoint", "frac_acute"]].to_string(index=False))
+    print(f"tidy table and figures in {out}")
+    return 0
 
 
 def run_training(args: argparse.Namespace) -> int:
@@ -136,7 +272,9 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping}
+COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping, "angles": run_angles,
+            "geometry": run_angles, "sweep": run_sweep, "report": run_report, "figures": run_figures,
+            "reproduce": run_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

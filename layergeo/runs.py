@@ -59,6 +59,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_jsonl(path: Path, keep) -> None:
+    """Keep only the records for which ``keep(record)`` is true (atomically)."""
+    if path.is_file():
+        write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in read_jsonl(path) if keep(r)))
+
+
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""

@@ -40,7 +40,7 @@ from layergeo.models import (
     tiny_bert_config,
     width,
 )
-from layergeo.runs import RunDir, append_jsonl, atomic_dir, environment, now, write_config, write_json
+from layergeo.runs import RunDir, append_jsonl, atomic_dir, environment, now, read_jsonl, truncate_jsonl, write_config, write_json
 from layergeo.strategies import Mapper, build_mapper, forward_targets
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -157,6 +157,10 @@ def fit(loop: Loop, resume: bool) -> LoopState:
         scheduler.load_state_dict(saved["scheduler"])
         state = LoopState(**saved["loop"])
         torch.set_rng_state(saved["rng"])
+    if resume:  # forget what was logged after the state we restart from
+        truncate_jsonl(loop.run.metrics_file, lambda r: r["step"] <= state.step)
+        truncate_jsonl(loop.run.mapping_file, lambda r: r["step"] < state.step)
+        state.logged_periods = [loop.mapper.period(r["epoch"], r["step"]) for r in read_jsonl(loop.run.mapping_file)] if loop.mapper else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if loop.device.type == "cuda" else nullcontext()
     sums: dict[str, torch.Tensor] = {}
     window = 0

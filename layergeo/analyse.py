@@ -1,0 +1,272 @@
+"""``layergeo angles`` and ``layergeo geometry``: measure one run, or compare many.
+
+One pass over the evaluation texts feeds every accumulator of :mod:`layergeo.geometry`.
+Results of a run go to ``<run>/geometry/<checkpoint>-<space>-<source>/`` (so runs with
+other options never overwrite them) or to ``--out``; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from layergeo import plots
+from layergeo.collect import LoadedRun, describe, hidden_states, load_run, texts_loader
+from layergeo.errors import LayergeoError
+from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, angle_vectors
+from layergeo.runs import RunDir, write_json, write_text
+from layergeo.train import resolve_device
+
+SPACES = ("student", "teacher")
+
+
+@dataclass(frozen=True)
+class AngleOptions:
+    checkpoint: str = "best"  # init (untrained student) | best
+    space: str = "student"  # student: W^T(T_i - W S_l); teacher: T_i - W S_l
+    split: str = "dev"
+    texts: str | None = None  # a file of sentences, one per line, instead of a split
+    max_examples: int | None = None
+    max_length: int | None = None
+    bins: int = 200
+    batch_size: int = 32
+    device: str = "auto"
+    extras: bool = False  # distances, distance ratio, CKA, transition cosine
+
+    def tag(self) -> str:
+        """Folder name that identifies the options that change the numbers."""
+        if self.texts:
+            source = f"texts-{Path(self.texts).stem}-{hashlib.sha256(Path(self.texts).read_bytes()).hexdigest()[:8]}"
+        else:
+            source = self.split
+        if self.max_examples:
+            source += f"{self.max_examples}"
+        if self.max_length:
+            source += f"-len{self.max_length}"
+        return f"{self.checkpoint}-{self.space}-{source}"
+
+    def check(self) -> None:
+        if self.space not in SPACES:
+            raise LayergeoError(f"unknown --space {self.space!r}; choose student (the pull the student feels) or teacher")
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise LayergeoError(f"--texts {self.texts} does not exist; give a file with one sentence per line")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise LayergeoError("--max-examples must be a positive number")
+
+
+def _matrix_frame(matrix: np.ndarray, rows: list[str], cols: list[str], row_name: str, col_name: str, value: str) -> pd.DataFrame:
+    """A (rows, cols) matrix as a tidy table with one row per cell."""
+    frame = pd.DataFrame(matrix, index=pd.Index(rows, name=row_name), columns=cols)
+    return frame.reset_index().melt(id_vars=row_name, var_name=col_name, value_name=value)
+
+
+def acute_fraction(angles: pd.DataFrame, pairs: list[tuple[int, int]] | None = None, partner: dict[int, int] | None = None) -> float | None:
+    """Token-weighted fraction of acute angles over the rows selected.
+
+    ``pairs`` (student s, teacher t): angles at S_s that have T_t as one side;
+    ``partner`` {s: t'}: only the angle between T_t and T_t' at S_s. None = all rows.
+    """
+    mask = pd.Series(pairs is None, index=angles.index)
+    for s, t in pairs or []:
+        at = (angles.student_layer == s) & ((angles.teacher_i == t) | (angles.teacher_k == t))
+        if partner is not None:
+            other = partner.get(s)
+            if other is None or other == t:
+                continue
+            at &= (angles.teacher_i == min(t, other)) & (angles.teacher_k == max(t, other))
+        mask |= at
+    chosen = angles[mask & (angles.n_tokens > 0)]
+    if chosen.empty:
+        return None
+    return float((chosen.frac_acute * chosen.n_tokens).sum() / chosen.n_tokens.sum())
+
+
+class RunGeometry:
+    """All accumulators for one (run, options) pass."""
+
+    def __init__(self, loaded: LoadedRun, options: AngleOptions):
+        self.loaded, self.options = loaded, options
+        self.n_teacher, self.n_student = loaded.teacher_layers + 1, loaded.student_layers + 1
+        self.projections = [loaded.student.projection_matrix(l) for l in range(self.n_student)]
+        narrow = loaded.student.model.config.hidden_size != loaded.teacher.config.hidden_size
+        self.anchors = [l for l in range(self.n_student) if not narrow or self.projections[l] is not None]
+        if not self.anchors:
+            raise LayergeoError(
+                f"run {loaded.run.path} has a narrower student but no projections (strategy {loaded.strategy}); "
+                "angles need the learned student->teacher projection"
+            )
+        self.angles = AngleAccumulator(self.n_student, self.n_teacher, options.bins)
+        if options.extras:
+            d_t = loaded.teacher.config.hidden_size
+            self.tt = MeanDistance(self.n_teacher, self.n_teacher)
+            self.ts = MeanDistance(self.n_teacher, len(self.anchors))
+            self.ss = MeanDistance(self.n_student, self.n_student)
+            self.cka = LinearCKA([d_t] * self.n_teacher, [loaded.student.model.config.hidden_size] * self.n_student)
+            self.transitions = TransitionCosine(len(self.anchors))
+
+    @torch.inference_mode()
+    def update(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
+        """teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)."""
+        for l in self.anchors:
+            w = self.projections[l]
+            w = None if w is None else w.to(teacher.device, torch.float32)
+            self.angles.update(l, angle_vectors(student[:, l], teacher, w, self.options.space))
+        if self.options.extras:
+            projected = torch.stack([self.loaded.student.project(l, student[:, l]) for l in self.anchors], 1)
+            self.tt.update(teacher, teacher)
+            self.ts.update(teacher, projected)
+            self.ss.update(student, student)
+            self.cka.update(list(teacher.unbind(1)), list(student.unbind(1)))
+            forward = [0] + [t for _, t in self.loaded.forward_pairs]
+            self.transitions.update(teacher[:, [forward[l] for l in self.anchors]], projected)
+
+
+def analyse_run(path: str | Path, options: AngleOptions, out: Path | None = None, reuse: bool = False) -> Path:
+    """Measure one run and write its tables and figures; returns the output folder."""
+    options.check()
+    loaded = load_run(path, options.checkpoint)
+    out = out or loaded.run.path / "geometry" / options.tag()
+    if reuse and _matches(out, options, loaded.run):
+        return out
+    device = resolve_device(options.device)
+    loader, n_examples, source = texts_loader(loaded, options.split, Path(options.texts) if options.texts else None,
+                                              options.max_examples, options.max_length, options.batch_size)
+    if n_examples == 0:
+        raise LayergeoError(f"no examples to analyse in {source}")
+    geometry = RunGeometry(loaded, options)
+    n_tokens = 0
+    quiet = os.environ.get("CI") == "true" or not sys.stderr.isatty()
+    for teacher, student in tqdm(hidden_states(loaded, loader, device), total=len(loader), disable=quiet,
+                                 desc=f"angles {loaded.run.path.name}", dynamic_ncols=True):
+        geometry.update(teacher, student)
+        n_tokens += teacher.shape[0]
+    _write(out, geometry, options, n_examples, n_tokens, source)
+    return out
+
+
+def _matches(out: Path, options: AngleOptions, run: RunDir) -> bool:
+    summary = out / "summary.json"
+    if not summary.is_file() or summary.stat().st_mtime < run.results_file.stat().st_mtime:
+        return False
+    recorded = json.loads(summary.read_text()).get("options", {})
+    return recorded == {**asdict(options), "device": recorded.get("device")} and (not options.extras or (out / "cka.csv").is_file())
+
+
+def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: int, n_tokens: int, source: str) -> None:
+    loaded = geometry.loaded
+    teacher_labels = [f"T{i}" for i in range(geometry.n_teacher)]
+    student_labels = [f"S{l}" for l in range(geometry.n_student)]
+    angles = geometry.angles.to_frame().rename(columns={"anchor": "student_layer"})
+    angles.insert(3, "space", options.space)
+    angles.insert(4, "checkpoint", options.checkpoint)
+    hist = geometry.angles.hist_frame().rename(columns={"anchor": "student_layer"})
+    angles = angles[angles.student_layer.isin(geometry.anchors)].reset_index(drop=True)
+    hist = hist[hist.student_layer.isin(geometry.anchors)].reset_index(drop=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "angles.csv", angles.to_csv(index=False))
+    write_text(out / "angle_hist.csv", hist.to_csv(index=False))
+    forward_target = dict(loaded.forward_pairs)
+    summary = {
+        **describe(loaded),
+        "source": source,
+        "n_examples": n_examples,
+        "n_tokens": n_tokens,
+        "frac_acute": acute_fraction(angles),
+        "frac_acute_matched": acute_fraction(angles, loaded.matched_pairs) if loaded.matched_pairs else None,
+        "frac_acute_forward": acute_fraction(angles, loaded.forward_pairs),
+        "frac_acute_matched_vs_forward": acute_fraction(angles, loaded.matched_pairs, forward_target) if loaded.matched_pairs else None,
+        "matched_pairs": loaded.matched_pairs,
+        "forward_pairs": loaded.forward_pairs,
+        "n_degenerate": int(angles.n_degenerate.sum()),
+        "options": asdict(options),
+        "definitions": {
+            "frac_acute": "share of (token, student layer, teacher pair) angles with cos > 0",
+            "frac_acute_matched": "angles at S_s having the teacher state S_s was matched to as one side",
+            "frac_acute_forward": "the same for the teacher state forward matching would have used",
+            "frac_acute_matched_vs_forward": "the angle at S_s between its matched and its forward target (where they differ)",
+        },
+    }
+    name = f"{loaded.run.path.name} ({plots.strategy_label(loaded.strategy)}, {options.checkpoint}, {options.space} space)"
+    plots.save_figure(plots.angle_heatmaps(angles, "frac_acute", f"Fraction of acute angles: {name}"), out / "angles_frac_acute")
+    plots.save_figure(plots.angle_heatmaps(angles, "mean_angle_deg", f"Mean angle: {name}"), out / "angles_mean_deg")
+    plots.save_figure(plots.cosine_histograms(hist, f"Cosines seen from the student: {name}"), out / "angle_hist")
+    if options.extras:
+        anchors = [student_labels[l] for l in geometry.anchors]
+        tt, ts, ss = geometry.tt.mean(), geometry.ts.mean(), geometry.ss.mean()
+        consecutive = float(np.mean(np.diag(tt, 1)))
+        ratio = pd.DataFrame({"student_layer": geometry.anchors, "mean_dist_to_teacher": ts.mean(0),
+                              "mean_consecutive_teacher_dist": consecutive})
+        ratio["distance_ratio"] = ratio.mean_dist_to_teacher / consecutive
+        tables = {
+            "distances_teacher_teacher": _matrix_frame(tt, teacher_labels, teacher_labels, "teacher_a", "teacher_b", "mean_l2"),
+            "distances_teacher_student": _matrix_frame(ts, teacher_labels, anchors, "teacher_layer", "student_layer", "mean_l2"),
+            "distances_student_student": _matrix_frame(ss, student_labels, student_labels, "student_a", "student_b", "mean_l2"),
+            "cka": _matrix_frame(geometry.cka.compute(), teacher_labels, student_labels, "teacher_layer", "student_layer", "cka_debiased"),
+            "transition_cosine": _matrix_frame(geometry.transitions.mean(), anchors, anchors, "student_a", "student_b", "mean_cos"),
+            "distance_ratio": ratio,
+        }
+        for stem, table in tables.items():
+            write_text(out / f"{stem}.csv", table.to_csv(index=False))
+        summary["distance_ratio"] = dict(zip(anchors, ratio.distance_ratio.round(6).tolist()))
+        figures = {
+            "distances_teacher_teacher": (tt, teacher_labels, teacher_labels, "Teacher-teacher distance", "Mean L2 distance", None, None),
+            "distances_teacher_student": (ts, teacher_labels, anchors, "Teacher-student distance (teacher space)", "Mean L2 distance", None, None),
+            "distances_student_student": (ss, student_labels, student_labels, "Student-student distance", "Mean L2 distance", None, None),
+            "cka": (geometry.cka.compute(), teacher_labels, student_labels, "Linear CKA (debiased)", "CKA", 0.0, 1.0),
+            "transition_cosine": (geometry.transitions.mean(), anchors, anchors, "Structured cosine of layer transitions", "Mean cosine", -1.0, 1.0),
+        }
+        for stem, (matrix, rows, cols, title, label, vmin, vmax) in figures.items():
+            fig = plots.matrix_heatmap(matrix, rows, cols, f"{title}: {loaded.run.path.name}", label, vmin=vmin, vmax=vmax)
+            plots.save_figure(fig, out / stem)
+    write_json(out / "summary.json", summary)
+
+
+def expand_runs(paths: list[str]) -> list[Path]:
+    """Run directories named directly, or every student run found under a folder."""
+    runs: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if (path / "config.yaml").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            found = sorted(p.parent for p in path.rglob("results.json")
+                           if (p.parent / "env.json").is_file() and json.loads((p.parent / "env.json").read_text()).get("kind") == "student")
+            if not found:
+                raise LayergeoError(f"no finished student runs under {path}")
+            runs.extend(found)
+        else:
+            raise LayergeoError(f"{path} does not exist; give run directories or a folder of runs")
+    return runs
+
+
+def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str], out: Path) -> pd.DataFrame:
+    """Analyse every run (reusing finished analyses) and write one tidy table and faceted figures."""
+    frames, summaries = [], []
+    for path in expand_runs(paths):
+        for checkpoint in checkpoints:
+            folder = analyse_run(path, AngleOptions(**{**asdict(options), "checkpoint": checkpoint}), reuse=True)
+            summary = json.loads((folder / "summary.json").read_text())
+            angles = pd.read_csv(folder / "angles.csv").drop(columns=["checkpoint"])
+            ident = {k: summary[k] for k in ("run", "strategy", "init", "seed", "checkpoint", "task")}
+            frames.append(angles.assign(**ident))
+            summaries.append({**ident, **{k: summary[k] for k in summary if k.startswith("frac_acute")},
+                              "n_tokens": summary["n_tokens"], "dev_accuracy": summary["dev_accuracy"]})
+    tidy = pd.concat(frames, ignore_index=True)
+    lead = ["run", "strategy", "init", "seed", "checkpoint", "task"]
+    tidy = tidy[lead + [c for c in tidy.columns if c not in lead]]
+    table = pd.DataFrame(summaries)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "angles_all.csv", tidy.to_csv(index=False))
+    write_text(out / "acute_summary.csv", table.to_csv(index=False))
+    plots.save_figure(plots.comparison_grid(tidy, "frac_acute"), out / "angles_by_strategy")
+    plots.save_figure(plots.acute_fraction_points(table), out / "acute_fraction_by_strategy")
+    return table

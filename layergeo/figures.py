@@ -1,0 +1,84 @@
+"""``layergeo figures RUNS_DIR``: the comparison figures of a sweep.
+
+Metric per strategy and init with the seed spread; the angle heatmaps faceted by
+strategy; the fraction of acute angles per strategy, untrained vs trained; the
+histograms of cosines per strategy; the loss terms during training. Angle
+analyses already written by the sweep are reused; missing ones are computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from layergeo import plots
+from layergeo.analyse import AngleOptions, compare_runs, expand_runs
+from layergeo.report import collect_results
+from layergeo.runs import read_jsonl
+
+METRIC_LABELS = {"test_accuracy": "Test accuracy (%)", "test_macro_f1": "Test macro-F1 (%)", "dev_accuracy": "Dev accuracy (%)"}
+LOSS_TERMS = ("ce", "kl", "hidden", "grad_norm")
+
+
+def _grid_geometry(root: Path) -> dict:
+    import yaml
+
+    grid = root / "grid.yaml"
+    return (yaml.safe_load(grid.read_text()) or {}).get("geometry") or {} if grid.is_file() else {}
+
+
+def cosine_histograms_by_strategy(root: Path, tag: str) -> pd.DataFrame:
+    """Summed histograms of every run's cosines, one 'layer' line per strategy and checkpoint."""
+    frames = []
+    for run in expand_runs([str(root)]):
+        for checkpoint in ("init", "best"):
+            folder = run / "geometry" / tag.replace("CHECKPOINT", checkpoint)
+            if (folder / "angle_hist.csv").is_file():
+                summary = json.loads((folder / "summary.json").read_text())
+                hist = pd.read_csv(folder / "angle_hist.csv")
+                frames.append(hist.assign(strategy=summary["strategy"], init=summary["init"], checkpoint=checkpoint))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def loss_terms(root: Path) -> pd.DataFrame:
+    """Logged loss terms of every run: strategy, init, task, seed, step, term, value."""
+    rows = []
+    results = collect_results(root)
+    for run in expand_runs([str(root)]):
+        ident = results[results.run == run.name].iloc[0]
+        for record in read_jsonl(run / "metrics.jsonl"):
+            if "loss" not in record:
+                continue
+            for term in LOSS_TERMS:
+                if term in record:
+                    rows.append({"strategy": ident.strategy, "init": ident.init, "task": ident.task, "seed": ident.seed,
+                                 "step": record["step"], "term": term, "value": record[term]})
+    return pd.DataFrame(rows)
+
+
+def write_figures(root: str | Path, out: Path | None = None) -> Path:
+    root = Path(root)
+    out = out or root / "figures"
+    results = collect_results(root)
+    for metric, label in METRIC_LABELS.items():
+        if metric in results and results[metric].notna().any():
+            frame = results.rename(columns={metric: "value"})[["strategy", "init", "task", "seed", "value"]].dropna()
+            plots.save_figure(plots.metric_points(frame, label), out / f"{metric}_by_strategy")
+    geometry = _grid_geometry(root)
+    options = AngleOptions(max_examples=geometry.get("max_examples"), space=geometry.get("space", "student"))
+    compare_runs([str(root)], options, ["init", "best"], out)
+    tag = AngleOptions(**{**options.__dict__, "checkpoint": "CHECKPOINT"}).tag()
+    hist = cosine_histograms_by_strategy(root, tag)
+    for (init, checkpoint), group in hist.groupby(["init", "checkpoint"]):
+        lines = group.groupby(["strategy", "bin_left", "bin_right"], as_index=False)["count"].sum()
+        lines = lines.rename(columns={"strategy": "student_layer"})
+        title = f"Cosines seen from the student, all layers: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
+        plots.save_figure(plots.cosine_histograms(lines, title), out / f"cosine_hist_{init}_{checkpoint}")
+    losses = loss_terms(root)
+    for (init, task), group in losses.groupby(["init", "task"]):
+        curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()
+        title = f"Loss terms during distillation (mean over seeds): {task}, {plots.INIT_LABELS.get(init, init)}"
+        plots.save_figure(plots.loss_curves(curve, title), out / f"loss_terms_{task}_{init}")
+    return out

@@ -1,0 +1,562 @@
+"""Figures: angle heatmaps, cosine histograms, strategy comparisons and training curves.
+
+Every plotting function takes a tidy DataFrame (or a matrix), returns a matplotlib
+Figure and never writes to disk; :func:`save_figure` writes ``.png`` and ``.pdf``.
+Colour scales of the angle statistics are fixed, so figures of different runs can be
+compared side by side, and strategies keep one colour and one order everywhere.
+Blue always means acute (high fraction of acute angles, small angle, positive cosine).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.collections import QuadMesh
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from layergeo.errors import LayergeoError
+
+matplotlib.use("Agg")  # headless, before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+STRATEGY_ORDER = ["none", "forward", "reverse", "all_to_one", "shuffle", "rail", "explicit"]
+STRATEGY_LABELS = {
+    "none": "None",
+    "forward": "Forward",
+    "reverse": "Reverse",
+    "all_to_one": "All-to-one",
+    "shuffle": "Random (shuffle)",
+    "rail": "RAIL (in-order random)",
+    "explicit": "Explicit",
+}
+INIT_LABELS = {"copy": "Weights copied", "random": "Randomly initialised"}
+CHECKPOINT_LABELS = {"init": "Untrained", "best": "Trained"}
+TERM_LABELS = {
+    "loss": "Total loss",
+    "ce": "Cross-entropy with labels",
+    "kl": "KL divergence to teacher",
+    "hidden": "Hidden-state loss",
+    "grad_norm": "Gradient norm",
+    "lr": "Learning rate",
+}
+
+_COLORBLIND = sns.color_palette("colorblind").as_hex()
+STRATEGY_PALETTE = dict(zip(STRATEGY_ORDER, [_COLORBLIND[i] for i in (7, 0, 1, 2, 3, 4, 5)]))  # "none" is grey
+CHECKPOINT_PALETTE = {"init": "#949494", "best": "#222222"}
+INIT_PALETTE = {"copy": "#222222", "random": "#949494"}
+_EXTRA_COLORS = [_COLORBLIND[i] for i in (9, 6, 8)]  # for strategies or levels outside the palettes
+
+PNG_DPI = 150
+MAX_ANNOTATED = 8  # annotate angle heatmaps with values up to 8 x 8 teacher states
+MAX_ANNOTATED_MATRIX = 13  # generic matrices: up to 13 rows and columns (a 12-layer teacher)
+MAX_PANEL_COLUMNS = 4
+ANNOT_FONTSIZE = 7
+
+_THEME = sns.axes_style("white") | sns.plotting_context("paper", font_scale=1.25)
+
+
+@dataclass(frozen=True)
+class ValueScale:
+    """Fixed colour scale of one angle statistic."""
+
+    label: str
+    vmin: float
+    vmax: float
+    center: float
+    cmap: str
+    fmt: str
+    ticks: tuple[float, ...]
+
+
+VALUE_SCALES = {
+    "frac_acute": ValueScale("Fraction of acute angles", 0, 1, 0.5, "RdBu", ".2f", (0, 0.25, 0.5, 0.75, 1)),
+    "mean_angle_deg": ValueScale("Mean angle (degrees)", 0, 180, 90, "RdBu_r", ".0f", (0, 45, 90, 135, 180)),
+    "mean_cos": ValueScale("Mean cosine of the angle", -1, 1, 0, "RdBu", ".2f", (-1, -0.5, 0, 0.5, 1)),
+}
+
+
+def _themed(fn: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Draw under the module theme without changing the caller's matplotlib settings."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with plt.rc_context(_THEME):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- labels, order, colours
+
+
+def strategy_label(name: str) -> str:
+    """Readable name of a strategy; unknown strategies keep their own name."""
+    return STRATEGY_LABELS.get(name, str(name))
+
+
+def _ordered(values: Iterable[Any], order: Iterable[Any]) -> list[Any]:
+    """Distinct values, known ones in the given order, then unknown ones sorted."""
+    present = set(values)
+    known = [v for v in order if v in present]
+    return known + sorted(present - set(known), key=str)
+
+
+def sort_strategies(names: Iterable[str]) -> list[str]:
+    """Distinct strategy names in STRATEGY_ORDER, unknown ones last (alphabetically)."""
+    return _ordered(names, STRATEGY_ORDER)
+
+
+def _colors(levels: Sequence[Any], palette: Mapping[Any, str]) -> dict[Any, str]:
+    """Palette colour of each level; levels outside the palette take the spare colours in turn."""
+    unknown = [level for level in levels if level not in palette]
+    spare = dict(zip(unknown, [_EXTRA_COLORS[n % len(_EXTRA_COLORS)] for n in range(len(unknown))]))
+    return {level: palette.get(level, spare.get(level)) for level in levels}
+
+
+def _value_scale(value: str) -> ValueScale:
+    if value not in VALUE_SCALES:
+        raise LayergeoError(f"unknown value {value!r} to plot; choose one of {', '.join(VALUE_SCALES)}")
+    return VALUE_SCALES[value]
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    if len(frame) == 0:
+        raise LayergeoError(f"{what}: the table is empty, there is nothing to plot")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise LayergeoError(
+            f"{what}: missing column(s) {', '.join(missing)}; expected columns {', '.join(columns)}"
+        )
+
+
+# ---------------------------------------------------------------- angle heatmaps
+
+
+def _teacher_states(frame: pd.DataFrame) -> list[int]:
+    return sorted(set(frame["teacher_i"]) | set(frame["teacher_k"]))
+
+
+def _pair_matrix(means: pd.Series, teachers: list[int]) -> np.ndarray:
+    """Symmetric teacher x teacher matrix from values indexed by (teacher_i, teacher_k); NaN diagonal."""
+    index = {t: n for n, t in enumerate(teachers)}
+    matrix = np.full((len(teachers), len(teachers)), np.nan)
+    for (i, k), v in means.items():
+        matrix[index[i], index[k]] = matrix[index[k], index[i]] = v
+    np.fill_diagonal(matrix, np.nan)
+    return matrix
+
+
+def _panel_inches(n_teachers: int) -> float:
+    """Side of one square heatmap panel: room for values when annotated, for tick labels otherwise."""
+    per_cell = 0.42 if n_teachers <= MAX_ANNOTATED else 0.24
+    return min(max(per_cell * n_teachers + 0.8, 2.4), 4.0)
+
+
+def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], scale: ValueScale) -> QuadMesh:
+    labels = [f"T{t}" for t in teachers]
+    sns.heatmap(
+        matrix,
+        ax=ax,
+        mask=np.isnan(matrix),
+        vmin=scale.vmin,
+        vmax=scale.vmax,
+        center=scale.center,
+        cmap=scale.cmap,
+        annot=len(teachers) <= MAX_ANNOTATED,
+        fmt=scale.fmt,
+        annot_kws={"fontsize": ANNOT_FONTSIZE},
+        square=True,
+        cbar=False,
+        xticklabels=labels,
+        yticklabels=labels,
+    )
+    ax.tick_params(axis="both", labelrotation=0, length=0, labelsize=8 if len(teachers) <= 10 else 6.5)
+    return ax.collections[0]
+
+
+def _shared_colorbar(fig: Figure, mesh: QuadMesh, axes: list[plt.Axes], scale: ValueScale) -> None:
+    colorbar = fig.colorbar(mesh, ax=axes, ticks=scale.ticks, shrink=0.9, aspect=25)
+    colorbar.set_label(scale.label)
+    colorbar.outline.set_visible(False)
+
+
+@_themed
+def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str | None = None) -> Figure:
+    """One teacher i x teacher k heatmap of `value` per student layer, on a fixed colour scale.
+
+    Columns: student_layer, teacher_i, teacher_k (i < k) and `value`, one of frac_acute,
+    mean_angle_deg, mean_cos. Repeated (student_layer, i, k) rows are averaged.
+    """
+    scale = _value_scale(value)
+    _require(angles, ["student_layer", "teacher_i", "teacher_k", value], "angle heatmaps")
+    layers = sorted(angles["student_layer"].unique())
+    teachers = _teacher_states(angles)
+    ncols = min(MAX_PANEL_COLUMNS, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    side = _panel_inches(len(teachers))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(side * ncols + 1.2, side * nrows + (0.5 if title else 0.2)),
+        squeeze=False, layout="constrained",
+    )
+    panels = list(axes.flat[: len(layers)])
+    for ax in axes.flat[len(layers):]:
+        ax.remove()
+    for n, (ax, layer) in enumerate(zip(panels, layers)):
+        means = angles[angles["student_layer"] == layer].groupby(["teacher_i", "teacher_k"])[value].mean()
+        mesh = _draw_pair_heatmap(ax, _pair_matrix(means, teachers), teachers, scale)
+        ax.set_title(f"Student layer S{layer}")
+        ax.set_xlabel("Teacher layer" if n + ncols >= len(layers) else "")
+        ax.set_ylabel("Teacher layer" if n % ncols == 0 else "")
+    _shared_colorbar(fig, mesh, panels, scale)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+@_themed
+def cosine_histograms(hist: pd.DataFrame, title: str | None = None) -> Figure:
+    """Density of cos(angle between the vectors to T_i and T_k), one line per student layer.
+
+    Columns: student_layer, bin_left, bin_right, count; rows with the same bin are summed
+    (e.g. over teacher pairs). The legend gives each layer's mass at cos > 0 (bins with bin_left >= 0).
+    """
+    _require(hist, ["student_layer", "bin_left", "bin_right", "count"], "cosine histograms")
+    counts = hist.groupby(["student_layer", "bin_left", "bin_right"], as_index=False)["count"].sum()
+    layers = sorted(counts["student_layer"].unique())
+    colors = sns.color_palette("crest", len(layers))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
+    for layer, color in zip(layers, colors):
+        bins = counts[counts["student_layer"] == layer].sort_values("bin_left")
+        total = bins["count"].sum()
+        if total == 0:
+            raise LayergeoError(f"cosine histograms: student layer {layer} has no counts")
+        density = bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))
+        acute = bins.loc[bins["bin_left"] >= 0, "count"].sum() / total
+        centres = (bins["bin_left"] + bins["bin_right"]) / 2
+        ax.plot(centres, density, color=color, lw=1.6, label=f"S{layer}: {acute:.1%} acute")
+    ax.axvline(0, ls="--", lw=1, color="0.35", zorder=0)
+    ax.annotate(
+        "right angle", xy=(0, 1), xycoords=ax.get_xaxis_transform(), xytext=(-3, -4),
+        textcoords="offset points", rotation=90, ha="right", va="top", color="0.35", fontsize=8,
+    )
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(r"Cosine of the angle between $T_i - S_l$ and $T_k - S_l$")
+    ax.set_ylabel("Density")
+    ax.legend(title="Student layer", loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    sns.despine(ax=ax)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+# ---------------------------------------------------------------- generic matrix
+
+
+def _number_format(values: np.ndarray) -> str:
+    largest = np.abs(values).max()
+    return ".0f" if largest >= 100 else ".1f" if largest >= 10 else ".2f"
+
+
+@_themed
+def matrix_heatmap(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    colorbar_label: str,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+    center: float | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Figure:
+    """Annotated heatmap of a (rows, cols) matrix (distances, CKA, transition cosines); NaN cells blank.
+
+    Pass vmin/vmax to fix the scale (CKA: 0, 1; cosines: -1, 1 with center=0).
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise LayergeoError(f"matrix heatmap: expected a non-empty 2-D matrix, got shape {matrix.shape}")
+    rows, cols = matrix.shape
+    if len(row_labels) != rows or len(col_labels) != cols:
+        raise LayergeoError(
+            f"matrix heatmap: {len(row_labels)} row and {len(col_labels)} column labels "
+            f"for a {rows} x {cols} matrix"
+        )
+    blank = ~np.isfinite(matrix)
+    if blank.all():
+        raise LayergeoError("matrix heatmap: the matrix has no finite value, there is nothing to plot")
+    annotate = max(rows, cols) <= MAX_ANNOTATED_MATRIX
+    cell = 0.5 if annotate else 0.3
+    fig, ax = plt.subplots(
+        figsize=(min(max(cell * cols + 2.2, 4.0), 14.0), min(max(cell * rows + 1.4, 2.8), 11.0)),
+        layout="constrained",
+    )
+    sns.heatmap(
+        matrix,
+        ax=ax,
+        mask=blank,
+        vmin=vmin,
+        vmax=vmax,
+        cmap=cmap,
+        center=center,
+        annot=annotate,
+        fmt=_number_format(matrix[~blank]),
+        annot_kws={"fontsize": ANNOT_FONTSIZE},
+        xticklabels=list(col_labels),
+        yticklabels=list(row_labels),
+        cbar_kws={"label": colorbar_label},
+    )
+    long_labels = max(len(str(label)) for label in col_labels) > 4
+    ax.tick_params(axis="x", labelrotation=45 if long_labels else 0, length=0)
+    ax.tick_params(axis="y", labelrotation=0, length=0)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig
+
+
+# ---------------------------------------------------------------- comparisons across runs
+
+
+def _layer_range(layers: list[int]) -> str:
+    return f"S{layers[0]}" if len(layers) == 1 else f"S{layers[0]}–S{layers[-1]}"
+
+
+@_themed
+def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute") -> Figure:
+    """Teacher i x teacher k heatmaps of `value`: one column per strategy, one row per (init, checkpoint).
+
+    Columns: run, strategy, init, checkpoint, student_layer, teacher_i, teacher_k and `value`.
+    Each panel averages over student layers >= 1 (layer 0 only if there are no others), first
+    within each run, then over runs. Same fixed colour scale as :func:`angle_heatmaps`.
+    """
+    scale = _value_scale(value)
+    columns = ["run", "strategy", "init", "checkpoint", "student_layer", "teacher_i", "teacher_k", value]
+    _require(tidy, columns, "comparison grid")
+    deep = tidy[tidy["student_layer"] >= 1]
+    used = deep if len(deep) else tidy[tidy["student_layer"] == 0]
+    strategies = sort_strategies(used["strategy"].unique())
+    present = set(zip(used["init"], used["checkpoint"]))
+    rows = [
+        (init, checkpoint)
+        for init in _ordered(used["init"].unique(), INIT_LABELS)
+        for checkpoint in _ordered(used["checkpoint"].unique(), CHECKPOINT_LABELS)
+        if (init, checkpoint) in present
+    ]
+    teachers = _teacher_states(used)
+    keys = ["strategy", "init", "checkpoint"]
+    per_run = used.groupby([*keys, "run", "teacher_i", "teacher_k"])[value].mean()
+    means = per_run.groupby(level=[*keys, "teacher_i", "teacher_k"]).mean()
+    panels = {key: group.droplevel(keys) for key, group in means.groupby(level=keys)}
+
+    side = _panel_inches(len(teachers))
+    fig, axes = plt.subplots(
+        len(rows), len(strategies), figsize=(side * len(strategies) + 1.6, side * len(rows) + 0.5),
+        squeeze=False, layout="constrained",
+    )
+    for r, (init, checkpoint) in enumerate(rows):
+        for c, strategy in enumerate(strategies):
+            ax = axes[r, c]
+            if (strategy, init, checkpoint) in panels:
+                matrix = _pair_matrix(panels[strategy, init, checkpoint], teachers)
+                mesh = _draw_pair_heatmap(ax, matrix, teachers, scale)
+            else:
+                ax.set(xticks=[], yticks=[])
+                sns.despine(ax=ax, left=True, bottom=True)
+                ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.5")
+            if r == 0:
+                ax.set_title(strategy_label(strategy))
+            row_label = f"{INIT_LABELS.get(init, init)} · {CHECKPOINT_LABELS.get(checkpoint, checkpoint)}"
+            ax.set_ylabel(f"{row_label}\nTeacher layer" if c == 0 else "")
+            ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
+    _shared_colorbar(fig, mesh, list(axes.flat), scale)
+    layers = sorted(used["student_layer"].unique())
+    fig.suptitle(f"{scale.label}, mean over student layers {_layer_range(layers)} and runs")
+    return fig
+
+
+def _dot_panel(
+    ax: plt.Axes,
+    frame: pd.DataFrame,
+    value: str,
+    strategies: list[str],
+    hue: str,
+    levels: list[Any],
+    colors: Mapping[Any, str],
+    spread: str,
+) -> None:
+    """Per strategy (x) and hue level (dodged): each row as a dot, the mean as a diamond with a bar.
+
+    spread "range": the bar spans min to max; "std": mean +- standard deviation.
+    """
+    offsets = (np.arange(len(levels)) - (len(levels) - 1) / 2) * (0.6 / len(levels))
+    for offset, level in zip(offsets, levels):
+        for x, strategy in enumerate(strategies):
+            values = frame.loc[(frame["strategy"] == strategy) & (frame[hue] == level), value].dropna().to_numpy()
+            if len(values) == 0:
+                continue
+            mean = values.mean()
+            if spread == "range":
+                bar = [[mean - values.min()], [values.max() - mean]]
+            else:
+                std = values.std(ddof=1) if len(values) > 1 else 0.0
+                bar = [[std], [std]]
+            jitter = np.linspace(-0.05, 0.05, len(values)) if len(values) > 1 else np.zeros(1)
+            ax.scatter(x + offset + jitter, values, s=16, color=colors[level], alpha=0.55, linewidths=0, zorder=2)
+            ax.errorbar(
+                x + offset, mean, yerr=bar, fmt="D", ms=5.5, color=colors[level], mec="white", mew=0.7,
+                capsize=3, lw=1.3, zorder=3,
+            )
+    ax.set_xticks(range(len(strategies)))
+    ax.set_xticklabels([textwrap.fill(strategy_label(s), 12) for s in strategies])
+    ax.set_xlim(-0.5, len(strategies) - 0.5)
+    ax.set_xlabel("Layer-matching strategy")
+    sns.despine(ax=ax)
+
+
+def _dot_legend(ax: plt.Axes, levels: list[Any], colors: Mapping[Any, str], labels: Mapping[Any, str],
+                title: str, spread_label: str) -> None:
+    handles = [Line2D([], [], ls="", marker="D", ms=5.5, color=colors[level], label=labels.get(level, level))
+               for level in levels]
+    handles += [
+        Line2D([], [], ls="", marker="o", ms=4, color="0.5", alpha=0.55, label="One run"),
+        Line2D([], [], ls="", marker="D", ms=5.5, color="0.5", label=spread_label),
+    ]
+    ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+
+
+def _strip_width(n_strategies: int) -> float:
+    return 0.85 * n_strategies + 1.0
+
+
+@_themed
+def acute_fraction_points(summary: pd.DataFrame) -> Figure:
+    """Fraction of acute angles per strategy, untrained vs trained, one panel per student init.
+
+    Columns: run, strategy, init, checkpoint, frac_acute (one row per run and checkpoint).
+    Dots are runs; diamonds are means with a bar from the lowest to the highest run.
+    """
+    _require(summary, ["run", "strategy", "init", "checkpoint", "frac_acute"], "acute fraction points")
+    strategies = sort_strategies(summary["strategy"].unique())
+    inits = _ordered(summary["init"].unique(), INIT_LABELS)
+    checkpoints = _ordered(summary["checkpoint"].unique(), CHECKPOINT_LABELS)
+    colors = _colors(checkpoints, CHECKPOINT_PALETTE)
+    fig, axes = plt.subplots(
+        1, len(inits), figsize=(_strip_width(len(strategies)) * len(inits) + 1.6, 3.6),
+        sharey=True, squeeze=False, layout="constrained",
+    )
+    for ax, init in zip(axes[0], inits):
+        _dot_panel(ax, summary[summary["init"] == init], "frac_acute", strategies, "checkpoint",
+                   checkpoints, colors, spread="range")
+        ax.axhline(0.5, ls="--", lw=1, color="0.6", zorder=0)
+        ax.set_ylim(0, 1)
+        ax.set_title(INIT_LABELS.get(init, init))
+    axes[0, 0].set_ylabel("Fraction of acute angles")
+    _dot_legend(axes[0, -1], checkpoints, colors, CHECKPOINT_LABELS, "Student", "Mean, bar: min–max")
+    return fig
+
+
+@_themed
+def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
+    """A metric (e.g. test accuracy) per strategy, one panel per task, student init as hue.
+
+    Columns: strategy, init, task, value (one row per run/seed). Dots are seeds; diamonds
+    are means with a bar of +- one standard deviation.
+    """
+    _require(results, ["strategy", "init", "task", "value"], "metric points")
+    strategies = sort_strategies(results["strategy"].unique())
+    inits = _ordered(results["init"].unique(), INIT_LABELS)
+    tasks = sorted(results["task"].unique())
+    colors = _colors(inits, INIT_PALETTE)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(_strip_width(len(strategies)) * len(tasks) + 1.9, 3.6),
+        squeeze=False, layout="constrained",
+    )
+    for ax, task in zip(axes[0], tasks):
+        _dot_panel(ax, results[results["task"] == task], "value", strategies, "init", inits, colors, spread="std")
+        ax.set_title(str(task))
+        ax.set_ylabel(metric_label)
+    _dot_legend(axes[0, -1], inits, colors, INIT_LABELS, "Student init", "Mean ± std")
+    return fig
+
+
+@_themed
+def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
+    """Training curves: one panel per term (ce, kl, hidden, grad_norm, ...), one line per strategy.
+
+    Columns: strategy, step, term, value; repeated (strategy, step, term) rows (seeds) are
+    averaged. Panels whose values are all positive use a log y axis.
+    """
+    _require(metrics, ["strategy", "step", "term", "value"], "loss curves")
+    curves = (
+        metrics.dropna(subset=["value"])
+        .groupby(["term", "strategy", "step"], as_index=False)["value"].mean()
+    )
+    terms = _ordered(curves["term"].unique(), TERM_LABELS)
+    strategies = sort_strategies(curves["strategy"].unique())
+    colors = _colors(strategies, STRATEGY_PALETTE)
+    ncols = min(3, len(terms))
+    nrows = math.ceil(len(terms) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.3 * ncols + 2.0, 2.6 * nrows + (0.4 if title else 0.1)),
+        squeeze=False, layout="constrained",
+    )
+    for ax in axes.flat[len(terms):]:
+        ax.remove()
+    for ax, term in zip(axes.flat, terms):
+        panel = curves[curves["term"] == term]
+        for strategy in sort_strategies(panel["strategy"].unique()):
+            line = panel[panel["strategy"] == strategy]
+            ax.plot(line["step"], line["value"], color=colors[strategy], lw=1.3)
+        if (panel["value"] > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(TERM_LABELS.get(term, term))
+        ax.set_xlabel("Training step")
+        sns.despine(ax=ax)
+    handles = [Line2D([], [], color=colors[s], lw=1.6, label=strategy_label(s)) for s in strategies]
+    fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Write stem.png (150 dpi) and stem.pdf atomically, close the figure, return the two paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for fmt in ("png", "pdf"):
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(fd, "wb") as handle, plt.rc_context({"pdf.fonttype": 42}):
+                    fig.savefig(handle, format=fmt, dpi=PNG_DPI)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            paths.append(path)
+    finally:
+        plt.close(fig)
+    return paths

@@ -1,0 +1,194 @@
+"""``layergeo report RUNS_DIR``: the paper's tables from many runs.
+
+Rows are init x strategy, columns are task x metric, each cell mean ± std over
+seeds with the number of seeds. Paired differences against Forward and against
+None are taken seed by seed, with percentile bootstrap confidence intervals over
+seeds. The spread is max - min of the strategy means, matching strategies only.
+The paper's published numbers (shipped in ``resources/paper_results.csv``) are
+written beside ours, in their own table, never mixed into our means.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from layergeo.errors import LayergeoError
+from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label
+from layergeo.runs import write_text
+
+METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc"}
+SETTING_KEYS = ["student_layers", "hidden_size", "normalize", "alpha_hidden"]
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def collect_results(root: str | Path) -> pd.DataFrame:
+    """One row per finished student run under ``root``: identity, setting and metrics (in %)."""
+    import yaml
+
+    root = Path(root)
+    if not root.is_dir():
+        raise LayergeoError(f"{root} does not exist; give the folder of a sweep (or of runs)")
+    rows = []
+    for results_file in sorted(root.rglob("results.json")):
+        results = json.loads(results_file.read_text())
+        if results.get("kind") != "student":
+            continue
+        config = yaml.safe_load((results_file.parent / "config.yaml").read_text())
+        row = {
+            "run": results_file.parent.name,
+            "task": results["task"],
+            "init": results["init"],
+            "strategy": results["strategy"],
+            "seed": results["seed"],
+            "student_layers": results["student_layers"],
+            "hidden_size": config["student"]["hidden_size"] or "teacher",
+            "normalize": config["loss"]["normalize"],
+            "alpha_hidden": config["loss"]["alpha_hidden"],
+            "teacher_test_accuracy": 100 * results["teacher_results"]["test"]["accuracy"],
+        }
+        for split in ("dev", "test"):
+            for metric in ("accuracy", "macro_f1"):
+                if metric in results[split]:
+                    row[f"{split}_{metric}"] = 100 * results[split][metric]
+        rows.append(row)
+    if not rows:
+        raise LayergeoError(f"no finished student runs under {root}; run a sweep first (layergeo sweep GRID.yaml)")
+    return pd.DataFrame(rows)
+
+
+def _order(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["strategy"] = pd.Categorical(frame.strategy, [s for s in STRATEGY_ORDER if s in set(frame.strategy)]
+                                       + sorted(set(frame.strategy) - set(STRATEGY_ORDER)), ordered=True)
+    return frame
+
+
+def _varying_settings(results: pd.DataFrame) -> list[str]:
+    return [k for k in SETTING_KEYS if results[k].nunique() > 1]
+
+
+def summary_stats(results: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean, std (ddof 1) and n over seeds per (setting, init, strategy, task, metric)."""
+    keys = _varying_settings(results) + ["init", "strategy", "task"]
+    long = results.melt(id_vars=keys + ["seed"], value_vars=metrics, var_name="metric").dropna(subset=["value"])
+    stats = long.groupby(keys + ["metric"], observed=True)["value"].agg(mean="mean", std="std", n="count").reset_index()
+    return _order(stats).sort_values(keys + ["metric"]).reset_index(drop=True)
+
+
+def main_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """The paper's layout: rows init x strategy, columns task / metric, cells 'mean ± std (n)'."""
+    stats = stats.copy()
+    stats["cell"] = [f"{m:.1f} ± {s:.1f} ({n})" if n > 1 else f"{m:.1f} (1)" for m, s, n in zip(stats["mean"], stats["std"].fillna(0), stats["n"])]
+    stats["column"] = stats.task + " " + stats.metric.map(METRICS)
+    index = [k for k in stats.columns if k in SETTING_KEYS] + ["init", "strategy"]
+    table = stats.pivot_table(index=index, columns="column", values="cell", aggfunc="first", observed=True)
+    table = table.reset_index()
+    table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
+    table["strategy"] = table["strategy"].map(strategy_label)
+    return table.rename(columns={"init": "Init", "strategy": "Layer selection"})
+
+
+def bootstrap_ci(values: np.ndarray, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling seeds)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, len(values)), replace=True).mean(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_differences(results: pd.DataFrame, reference: str, metrics: list[str]) -> pd.DataFrame:
+    """Per strategy: mean over seeds of (strategy - reference), same seed, with a bootstrap 95% CI."""
+    keys = _varying_settings(results) + ["init", "task"]
+    rows = []
+    for group_key, group in results.groupby(keys):
+        group_key = group_key if isinstance(group_key, tuple) else (group_key,)
+        ref = group[group.strategy == reference].set_index("seed")
+        if ref.empty:
+            continue
+        for strategy, runs in group[group.strategy != reference].groupby("strategy"):
+            runs = runs.set_index("seed")
+            seeds = sorted(set(runs.index) & set(ref.index))
+            for metric in metrics:
+                if metric not in runs or runs[metric].isna().all():
+                    continue
+                diff = (runs.loc[seeds, metric] - ref.loc[seeds, metric]).to_numpy(dtype=float)
+                low, high = bootstrap_ci(diff)
+                rows.append({**dict(zip(keys, group_key)), "strategy": strategy, "reference": reference, "metric": metric,
+                             "mean_diff": diff.mean() if len(diff) else np.nan, "ci_low": low, "ci_high": high, "n_seeds": len(diff)})
+    frame = pd.DataFrame(rows)
+    return _order(frame).sort_values(keys + ["strategy", "metric"]).reset_index(drop=True) if rows else frame
+
+
+def spread(stats: pd.DataFrame) -> pd.DataFrame:
+    """Max - min of the strategy means over matching strategies, beside the typical seed std."""
+    matching = stats[stats.strategy.astype(str) != "none"]
+    keys = [k for k in stats.columns if k in SETTING_KEYS] + ["init", "task", "metric"]
+    grouped = matching.groupby(keys, observed=True)
+    out = grouped["mean"].agg(lambda m: m.max() - m.min()).rename("spread").to_frame()
+    out["best"] = grouped.apply(lambda g: g.loc[g["mean"].idxmax(), "strategy"], include_groups=False)
+    out["worst"] = grouped.apply(lambda g: g.loc[g["mean"].idxmin(), "strategy"], include_groups=False)
+    out["mean_seed_std"] = grouped["std"].mean()
+    out["n_strategies"] = grouped.size()
+    return out.reset_index()
+
+
+def paper_table() -> pd.DataFrame:
+    """The authors' published numbers in the same layout (their settings, not ours)."""
+    path = resources.files("layergeo.resources").joinpath("paper_results.csv")
+    paper = pd.read_csv(path.open())
+    paper["column"] = paper.dataset + " " + paper.metric
+    students = paper[paper.model == "student"]
+    table = students.pivot_table(index=["setting", "init", "strategy"], columns="column", values="value", aggfunc="first")
+    table = table.reset_index()
+    table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
+    table["strategy"] = table["strategy"].map(strategy_label)
+    return table.rename(columns={"setting": "Paper setting", "init": "Init", "strategy": "Layer selection"})
+
+
+def _write_table(frame: pd.DataFrame, stem: Path, float_format: str = "%.2f") -> None:
+    write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))
+    write_text(stem.with_suffix(".md"), frame.to_markdown(index=False, floatfmt=".2f") + "\n")
+    write_text(stem.with_suffix(".tex"), frame.to_latex(index=False, float_format=lambda v: float_format % v, na_rep="--"))
+
+
+def write_report(root: str | Path, out: Path | None = None, paper: bool = False) -> Path:
+    """Write every table as CSV, Markdown and LaTeX, plus ``report.md`` gathering them."""
+    results = collect_results(root)
+    out = out or Path(root) / "report"
+    metrics = [m for m in METRICS if m in results and results[m].notna().any()]
+    stats = summary_stats(results, metrics)
+    tables = {
+        "results_all": results.sort_values(["task", "init", "strategy", "seed"]),
+        "summary": stats,
+        "main_table": main_table(stats),
+        "diff_vs_forward": paired_differences(results, "forward", metrics),
+        "diff_vs_none": paired_differences(results, "none", metrics),
+        "spread": spread(stats),
+    }
+    if paper:
+        tables["paper_table"] = paper_table()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        if not table.empty:
+            _write_table(table, out / name)
+    sections = [
+        ("Our runs: mean ± std over seeds (n seeds), in %", "main_table"),
+        ("Paired difference to Forward (same seed), mean and bootstrap 95% CI over seeds, points", "diff_vs_forward"),
+        ("Paired difference to None (same seed), mean and bootstrap 95% CI over seeds, points", "diff_vs_none"),
+        ("Spread between matching strategies (max - min of means) beside the mean seed std, points", "spread"),
+    ]
+    if paper:
+        sections.append(("The paper's published numbers (their setting: BERT-base on GLUE test server etc.; not our runs)", "paper_table"))
+    text = [f"# layergeo report: {Path(root).name}\n", f"{len(results)} finished student runs.\n"]
+    for title, name in sections:
+        if not tables[name].empty:
+            text += [f"## {title}\n", tables[name].to_markdown(index=False, floatfmt=".2f"), ""]
+    write_text(out / "report.md", "\n".join(text) + "\n")
+    return out

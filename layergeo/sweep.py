@@ -1,0 +1,202 @@
+"""``layergeo sweep GRID.yaml``: the Cartesian product of a grid as independent, resumable runs.
+
+A grid file::
+
+    name: classification            # folder name under --out (default: the file's stem)
+    preset: default                 # base preset for every run (optional)
+    base:                           # config values shared by every run (same keys as a run config)
+      data: {max_train: 2000}
+    grid:                           # dotted config keys -> values; every combination is one run
+      data.task: [rotten_tomatoes, bbc_news]
+      student.init: [copy, random]
+      matching.strategy: [none, forward, reverse, all_to_one, shuffle, rail]
+      seed: [0, 1, 2]
+    geometry:                       # optional: angles after each run (reused by report/figures)
+      checkpoints: [init, best]
+      max_examples: 200
+
+One teacher is fine-tuned per task (and teacher model) under ``<sweep>/teachers/`` and
+shared by all its students. A finished run (``results.json``) is skipped; an
+interrupted one is resumed, so a killed sweep loses at most the run in progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layergeo.config import RunConfig, dump_yaml, load_config, preset_names
+from layergeo.errors import LayergeoError
+from layergeo.runs import RunDir, write_text
+
+GRID_KEYS = {"name", "preset", "base", "grid", "geometry"}
+
+
+@dataclass
+class Grid:
+    name: str
+    preset: str | None
+    base: dict[str, Any]
+    axes: dict[str, list[Any]]
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    out: Path
+    config: RunConfig
+
+    @property
+    def status(self) -> str:
+        run = RunDir(self.out)
+        return "done" if run.finished else "resume" if run.config_file.is_file() else "new"
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise LayergeoError(f"grid file {path} does not exist; see analyses/*.yaml for examples")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise LayergeoError(f"grid file {path} must be a mapping with keys {', '.join(sorted(GRID_KEYS))}")
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise LayergeoError(f"unknown grid key {unknown[0]!r} in {path}; valid keys: {', '.join(sorted(GRID_KEYS))}")
+    axes = raw.get("grid") or {}
+    if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise LayergeoError(f"'grid' in {path} must map config keys to non-empty lists of values")
+    preset = raw.get("preset")
+    if preset is not None and preset not in preset_names():
+        raise LayergeoError(f"unknown preset {preset!r} in {path}; choose one of {', '.join(preset_names())}")
+    return Grid(str(raw.get("name") or path.stem), preset, raw.get("base") or {}, axes, raw.get("geometry") or {})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return items
+
+
+def run_name(point: dict[str, Any]) -> str:
+    """Readable and unique within a grid: values in axis order, numbers prefixed by their key."""
+    parts = []
+    for key, value in point.items():
+        short = key.split(".")[-1]
+        text = str(value)
+        parts.append(f"{short}{text}" if isinstance(value, (int, float)) or value is None else text)
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", "_".join(parts)) or "run"
+
+
+def plan(grid: Grid, root: Path) -> tuple[dict[str, RunConfig], list[PlannedRun]]:
+    """Teachers (one per task and teacher model) and runs of the grid, with resolved configs."""
+    base = _flatten(grid.base)
+    teachers: dict[str, RunConfig] = {}
+    runs = []
+    for values in itertools.product(*grid.axes.values()):
+        point = dict(zip(grid.axes, values))
+        overrides = base + [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                            for k, v in point.items()]
+        config = load_config(preset=grid.preset, overrides=overrides)
+        if config.teacher.dir is None:
+            key = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{Path(config.data.task).stem}-{config.teacher.model}")
+            if key not in teachers:
+                teacher_config = load_config(preset=grid.preset, overrides=base + [f"data.task={config.data.task}",
+                                                                                   f"teacher.model={config.teacher.model}"])
+                teachers[key] = teacher_config
+            config.teacher.dir = str((root / "teachers" / key).resolve())
+        runs.append(PlannedRun(run_name(point), root / "runs" / run_name(point), config))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise LayergeoError("two grid points give the same run name; make the grid values distinct")
+    return teachers, runs
+
+
+def _train_command(kind: str, config_file: Path, out: Path, resume: bool) -> list[str]:
+    command = [sys.executable, "-m", "layergeo.cli", kind, "--config", str(config_file), "--out", str(out)]
+    return command + (["--resume"] if resume else [])
+
+
+def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] | None = None, dry_run: bool = False) -> list[PlannedRun]:
+    """Run (or list) every run of the grid; returns the plan."""
+    grid = load_grid(grid_file)
+    root = out / grid.name
+    teachers, runs = plan(grid, root)
+    if dry_run:
+        for key in teachers:
+            status = "done" if RunDir(root / "teachers" / key).finished else "new"
+            print(f"[{status:>6}] teacher {key}")
+        for run in runs:
+            print(f"[{run.status:>6}] {run.name}")
+        print(f"{len(runs)} runs, {sum(r.status == 'done' for r in runs)} finished, under {root}")
+        return runs
+    root.mkdir(parents=True, exist_ok=True)
+    write_text(root / "grid.yaml", Path(grid_file).read_text())
+    for key, config in teachers.items():
+        _run_one("teacher", config, root / "teachers" / key, None)
+    todo = [r for r in runs if r.status != "done"]
+    print(f"sweep {grid.name}: {len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}", flush=True)
+    slots = devices or ([None] if jobs <= 1 else ["cpu"] * jobs)
+    if len(slots) == 1:
+        for run in todo:
+            _run_one("train", run.config, run.out, slots[0], grid.geometry)
+    else:
+        free = list(slots)
+        with ThreadPoolExecutor(len(slots)) as pool:
+            list(pool.map(lambda r: _with_slot(free, len(slots), r, grid.geometry), todo))
+    return runs
+
+
+def _with_slot(free: list, parallel: int, run: PlannedRun, geometry: dict[str, Any]) -> None:
+    device = free.pop()
+    try:
+        _run_one("train", run.config, run.out, device, geometry, parallel=parallel)
+    finally:
+        free.append(device)
+
+
+def _run_one(kind: str, config: RunConfig, out: Path, device: str | None, geometry: dict[str, Any] | None = None,
+             parallel: int = 1) -> None:
+    """One run in its own process (so memory is returned and a crash stays contained)."""
+    if RunDir(out).finished and not geometry:
+        return
+    if not RunDir(out).finished:
+        resume = RunDir(out).config_file.is_file()
+        print(f"{'resume' if resume else 'start'} {kind} {out.name}", flush=True)
+        if device is None:  # in this process: no interpreter start-up per run
+            from layergeo.train import distil_student, fine_tune_teacher
+
+            (fine_tune_teacher if kind == "teacher" else distil_student)(copy.deepcopy(config), out, resume=resume)
+        else:
+            config_file = out.parent / f".{out.name}.config.yaml"
+            write_text(config_file, dump_yaml(config))
+            env = dict(os.environ)
+            if device == "cpu":  # share the cores between the parallel runs
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = str(device)
+            done = subprocess.run(_train_command(kind, config_file, out, resume), env=env)
+            config_file.unlink(missing_ok=True)
+            if done.returncode != 0:
+                raise LayergeoError(f"{kind} run {out} failed (exit {done.returncode}); fix it and re-run the sweep to resume")
+    if geometry:
+        from layergeo.analyse import AngleOptions, analyse_run
+
+        for checkpoint in geometry.get("checkpoints", ["init", "best"]):
+            options = AngleOptions(checkpoint=checkpoint, max_examples=geometry.get("max_examples"),
+                                   space=geometry.get("space", "student"))
+            analyse_run(out, options, reuse=True)
