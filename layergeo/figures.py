@@ -30,7 +30,7 @@ def _grid_geometry(root: Path) -> dict:
 
 
 def cosine_histograms_by_strategy(root: Path, tag: str) -> pd.DataFrame:
-    """Summed histograms of every run's cosines, one 'layer' line per strategy and checkpoint."""
+    """Every run's cosine histogram with its strategy, init and checkpoint (``tag``: folder name pattern)."""
     frames = []
     for run in expand_runs([str(root)]):
         for checkpoint in ("init", "best"):
@@ -73,9 +73,8 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
     hist = cosine_histograms_by_strategy(root, tag)
     for (init, checkpoint), group in hist.groupby(["init", "checkpoint"]):
         lines = group.groupby(["strategy", "bin_left", "bin_right"], as_index=False)["count"].sum()
-        lines = lines.rename(columns={"strategy": "student_layer"})
         title = f"Cosines seen from the student, all layers: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
-        plots.save_figure(plots.cosine_histograms(lines, title), out / f"cosine_hist_{init}_{checkpoint}")
+        plots.save_figure(plots.cosine_histograms(lines, title, by="strategy"), out / f"cosine_hist_{init}_{checkpoint}")
     losses = loss_terms(root)
     for (init, task), group in losses.groupby(["init", "task"]):
         curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()

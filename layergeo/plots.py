@@ -162,7 +162,7 @@ def _pair_matrix(means: pd.Series, teachers: list[int]) -> np.ndarray:
 
 def _panel_inches(n_teachers: int) -> float:
     """Side of one square heatmap panel: room for values when annotated, for tick labels otherwise."""
-    per_cell = 0.42 if n_teachers <= MAX_ANNOTATED else 0.24
+    per_cell = 0.42 if n_teachers <= MAX_ANNOTATED else 0.2
     return min(max(per_cell * n_teachers + 0.8, 2.4), 4.0)
 
 
@@ -228,26 +228,33 @@ def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str |
 
 
 @_themed
-def cosine_histograms(hist: pd.DataFrame, title: str | None = None) -> Figure:
-    """Density of cos(angle between the vectors to T_i and T_k), one line per student layer.
+def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "student_layer") -> Figure:
+    """Density of cos(angle between the vectors to T_i and T_k), one line per ``by`` level.
 
-    Columns: student_layer, bin_left, bin_right, count; rows with the same bin are summed
-    (e.g. over teacher pairs). The legend gives each layer's mass at cos > 0 (bins with bin_left >= 0).
+    Columns: ``by`` (student_layer or strategy), bin_left, bin_right, count; rows with the same
+    bin are summed (e.g. over teacher pairs). The legend gives each line's mass at cos > 0
+    (bins with bin_left >= 0).
     """
-    _require(hist, ["student_layer", "bin_left", "bin_right", "count"], "cosine histograms")
-    counts = hist.groupby(["student_layer", "bin_left", "bin_right"], as_index=False)["count"].sum()
-    layers = sorted(counts["student_layer"].unique())
-    colors = sns.color_palette("crest", len(layers))
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
-    for layer, color in zip(layers, colors):
-        bins = counts[counts["student_layer"] == layer].sort_values("bin_left")
+    _require(hist, [by, "bin_left", "bin_right", "count"], "cosine histograms")
+    counts = hist.groupby([by, "bin_left", "bin_right"], as_index=False)["count"].sum()
+    if by == "strategy":
+        levels = sort_strategies(counts[by].unique())
+        colors = [_colors(levels, STRATEGY_PALETTE)[level] for level in levels]
+        names, legend_title = {level: strategy_label(level) for level in levels}, "Strategy"
+    else:
+        levels = sorted(counts[by].unique())
+        colors = sns.color_palette("crest", len(levels))
+        names, legend_title = {level: f"S{level}" for level in levels}, "Student layer"
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
+    for level, color in zip(levels, colors):
+        bins = counts[counts[by] == level].sort_values("bin_left")
         total = bins["count"].sum()
         if total == 0:
-            raise LayergeoError(f"cosine histograms: student layer {layer} has no counts")
+            raise LayergeoError(f"cosine histograms: {names[level]} has no counts")
         density = bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))
         acute = bins.loc[bins["bin_left"] >= 0, "count"].sum() / total
         centres = (bins["bin_left"] + bins["bin_right"]) / 2
-        ax.plot(centres, density, color=color, lw=1.6, label=f"S{layer}: {acute:.1%} acute")
+        ax.plot(centres, density, color=color, lw=1.6, label=f"{names[level]}: {acute:.1%} acute")
     ax.axvline(0, ls="--", lw=1, color="0.35", zorder=0)
     ax.annotate(
         "right angle", xy=(0, 1), xycoords=ax.get_xaxis_transform(), xytext=(-3, -4),
@@ -257,10 +264,10 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None) -> Figure:
     ax.set_ylim(bottom=0)
     ax.set_xlabel(r"Cosine of the angle between $T_i - S_l$ and $T_k - S_l$")
     ax.set_ylabel("Density")
-    ax.legend(title="Student layer", loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     sns.despine(ax=ax)
     if title:
-        ax.set_title(title)
+        fig.suptitle(title, fontsize="medium")
     return fig
 
 
@@ -383,8 +390,8 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute") -> Figure:
                 ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.5")
             if r == 0:
                 ax.set_title(strategy_label(strategy))
-            row_label = f"{INIT_LABELS.get(init, init)} · {CHECKPOINT_LABELS.get(checkpoint, checkpoint)}"
-            ax.set_ylabel(f"{row_label}\nTeacher layer" if c == 0 else "")
+            row_label = f"{INIT_LABELS.get(init, init)}\n{CHECKPOINT_LABELS.get(checkpoint, checkpoint)}"
+            ax.set_ylabel(row_label if c == 0 else "", fontweight="bold")
             ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
     _shared_colorbar(fig, mesh, list(axes.flat), scale)
     layers = sorted(used["student_layer"].unique())
@@ -425,7 +432,7 @@ def _dot_panel(
                 capsize=3, lw=1.3, zorder=3,
             )
     ax.set_xticks(range(len(strategies)))
-    ax.set_xticklabels([textwrap.fill(strategy_label(s), 12) for s in strategies])
+    ax.set_xticklabels([textwrap.fill(strategy_label(s), 14, break_on_hyphens=False) for s in strategies])
     ax.set_xlim(-0.5, len(strategies) - 0.5)
     ax.set_xlabel("Layer-matching strategy")
     sns.despine(ax=ax)
@@ -443,7 +450,7 @@ def _dot_legend(ax: plt.Axes, levels: list[Any], colors: Mapping[Any, str], labe
 
 
 def _strip_width(n_strategies: int) -> float:
-    return 0.85 * n_strategies + 1.0
+    return 0.95 * n_strategies + 1.0
 
 
 @_themed
