@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from layergeo import plots
 from layergeo.collect import LoadedRun, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
-from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, angle_vectors
+from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, update_angles
 from layergeo.runs import RunDir, write_json, write_text
 from layergeo.train import resolve_device
 
@@ -116,10 +116,7 @@ class RunGeometry:
     @torch.inference_mode()
     def update(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
         """teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)."""
-        for l in self.anchors:
-            w = self.projections[l]
-            w = None if w is None else w.to(teacher.device, torch.float32)
-            self.angles.update(l, angle_vectors(student[:, l], teacher, w, self.options.space))
+        update_angles(self.angles, teacher, student, self.anchors, self.projections, self.options.space)
         if self.options.extras:
             projected = torch.stack([self.loaded.student.project(l, student[:, l]) for l in self.anchors], 1)
             self.tt.update(teacher, teacher)

@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
     sweep.add_argument("--jobs", type=int, default=1, help="parallel runs on this machine (default 1)")
     sweep.add_argument("--devices", help="comma-separated GPU ids: one run per GPU at a time, e.g. 0,1,2,3")
+    sweep.add_argument("--launcher", choices=["here", "slurm", "local"], default="here",
+                       help="here (default): this machine; slurm: submit through submitit; local: submitit's local executor")
+    sweep.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="submitit executor parameter, e.g. --slurm slurm_partition=gpu --slurm gpus_per_node=1 "
+                            "--slurm timeout_min=120 (repeatable)")
 
     report = sub.add_parser("report", help="tables of a sweep: mean ± std, paired differences, spread",
                             epilog=EXAMPLES["report"], formatter_class=fmt,
@@ -161,6 +166,20 @@ def run_sweep(args: argparse.Namespace) -> int:
     from layergeo.sweep import execute
 
     devices = args.devices.split(",") if args.devices else None
+    if args.launcher != "here" and not args.dry_run:
+        import yaml
+
+        from layergeo.sweep import submit
+
+        parameters = {}
+        for item in args.slurm:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise LayergeoError(f"--slurm {item!r} must look like key=value, e.g. slurm_partition=gpu")
+            parameters[key] = yaml.safe_load(value)
+        runs = submit(args.grid, Path(args.out), launcher=args.launcher, slurm=parameters)
+        print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
+        return 0
     runs = execute(args.grid, Path(args.out), jobs=args.jobs, devices=devices, dry_run=args.dry_run)
     if not args.dry_run:
         print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")

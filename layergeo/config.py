@@ -42,6 +42,11 @@ class OptimConfig:
     eval_every: int | None = None  # evaluate on dev every N steps; null = once per epoch
     log_every: int = 10
     early_stop: int | None = None  # stop after N evaluations without a better dev metric
+    # Student runs only: run the teacher once over the train split and read its logits and matched hidden
+    # states from a memory-mapped cache under <teacher run>/cache/, shared by every run of a sweep with that
+    # teacher (see layergeo/cache.py). Off = the live teacher on every batch. Float32 gives the live losses.
+    teacher_cache: bool = False
+    cache_dtype: str = "float16"  # float16 (half the disk, ~1e-3 relative on the hidden term) | float32
 
 
 @dataclass

@@ -61,6 +61,45 @@ def angle_vectors(
     return u if space == "teacher" else u @ projection
 
 
+def difference_gram(teacher_gram: Tensor, cross: Tensor, anchor_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Gram matrices of u_k = t_k - s from dot products, without forming the vectors.
+
+    teacher_gram (N, K, K) = t_i.t_k, cross (N, K) = t_k.s, anchor_sq (N,) = s.s, all float64.
+    Returns G (N, K, K) with G_ik = t_i.t_k - t_i.s - t_k.s + s.s, and scale (N, K) =
+    |t_k|^2 + |s|^2 for :meth:`AngleAccumulator.update_gram`.
+    """
+    gram = teacher_gram - cross[:, :, None] - cross[:, None, :] + anchor_sq[:, None, None]
+    return gram, teacher_gram.diagonal(dim1=1, dim2=2) + anchor_sq[:, None]
+
+
+def update_angles(accumulator: "AngleAccumulator", teacher: Tensor, student: Tensor, anchors: list[int],
+                  projections: list[Tensor | None], space: str = "student") -> None:
+    """Fold one batch of token states into ``accumulator``, one anchor per student state.
+
+    teacher (N, K, d_t), student (N, L, d_s), projections[l]: W_l (d_t, d_s) or None. Every
+    state is read once: teacher states and (projected) anchors are stacked and one batched
+    float64 Gram product gives all the dot products the angles need (:func:`difference_gram`).
+    The student-space view through a projection, a metric of its own, uses the vectors.
+    """
+    n_teacher = teacher.shape[1]
+    direct = []
+    for l in anchors:
+        w = projections[l]
+        w = None if w is None else w.to(teacher.device, torch.float32)
+        if w is not None and space == "student":  # W^T (T_i - W S_l)
+            accumulator.update(l, angle_vectors(student[:, l], teacher, w, "student"))
+        else:
+            direct.append((l, student[:, l] if w is None else student[:, l] @ w.T))
+    if not direct:
+        return
+    states = torch.cat([teacher, torch.stack([s for _, s in direct], 1)], 1).double()   # (N, K + A, d_t)
+    gram = torch.bmm(states, states.transpose(1, 2))
+    teacher_gram = gram[:, :n_teacher, :n_teacher]
+    grams, scales = zip(*(difference_gram(teacher_gram, gram[:, :n_teacher, j], gram[:, j, j])
+                          for j in range(n_teacher, n_teacher + len(direct))))
+    accumulator.update_gram([l for l, _ in direct], torch.stack(grams), torch.stack(scales))
+
+
 def _pair_sq_dists(gram: Tensor) -> tuple[Tensor, Tensor]:
     """From a Gram matrix (..., P, P): |x_a - x_b|^2 and |x_a|^2 + |x_b|^2, both (..., P, P)."""
     sq = gram.diagonal(dim1=-2, dim2=-1)
@@ -140,38 +179,63 @@ class AngleAccumulator(_Streaming):
     @torch.no_grad()
     def update(self, anchor: int, vectors: Tensor) -> None:
         """Fold in tokens seen from ``anchor``: vectors (N, K, d), e.g. from ``angle_vectors``."""
-        if not 0 <= anchor < self.n_anchors:
-            raise LayergeoError(f"anchor {anchor} out of range 0..{self.n_anchors - 1}")
+        self._check_anchors([anchor])
         if vectors.ndim != 3 or vectors.shape[1] != self.n_targets:
             raise LayergeoError(f"expected vectors (N, {self.n_targets}, d), got {tuple(vectors.shape)}")
         for chunk in vectors.split(CHUNK_TOKENS):
-            self._add(self._chunk_sums(chunk.to(torch.float64)), anchor)
+            v = chunk.to(torch.float64)
+            self._add(self._chunk_sums(torch.bmm(v, v.transpose(1, 2))[None]), [anchor])
 
-    def _chunk_sums(self, v: Tensor) -> dict[str, Tensor]:
-        """Per-pair sums (P,) and histogram (P, bins) over one chunk v (c, K, d)."""
-        i, k = self._i.to(v.device), self._k.to(v.device)
-        gram = torch.bmm(v, v.transpose(1, 2))                        # (c, K, K)
+    @torch.no_grad()
+    def update_gram(self, anchors: list[int], gram: Tensor, scale: Tensor) -> None:
+        """Fold in tokens given the Gram matrices of the vectors seen from several anchors at once.
+
+        gram (A, N, K, K) for the A ``anchors``; ``scale`` (A, N, K): a magnitude per vector (e.g.
+        |t_k|^2 + |s|^2 from :func:`difference_gram`); a vector whose squared length is below
+        ZERO_REL * scale is degenerate. Use this when the Gram comes from an expansion that leaves
+        rounding-level residues instead of exact zeros.
+        """
+        self._check_anchors(anchors)
+        if gram.shape[:1] != (len(anchors),) or gram.shape[2:] != (self.n_targets, self.n_targets) or scale.shape != gram.shape[:3]:
+            raise LayergeoError(f"expected gram ({len(anchors)}, N, {self.n_targets}, {self.n_targets}) and scale "
+                                f"({len(anchors)}, N, {self.n_targets})")
+        for g, sc in zip(gram.split(CHUNK_TOKENS, 1), scale.split(CHUNK_TOKENS, 1)):
+            self._add(self._chunk_sums(g.to(torch.float64), sc.to(torch.float64)), anchors)
+
+    def _check_anchors(self, anchors: list[int]) -> None:
+        for anchor in anchors:
+            if not 0 <= anchor < self.n_anchors:
+                raise LayergeoError(f"anchor {anchor} out of range 0..{self.n_anchors - 1}")
+        if len(set(anchors)) != len(anchors):
+            raise LayergeoError(f"anchors {anchors} repeat; give each anchor once per update")
+
+    def _chunk_sums(self, gram: Tensor, scale: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-pair sums (A, P) and histograms (A, P, bins) from Gram matrices (A, c, K, K)."""
+        i, k = self._i.to(gram.device), self._k.to(gram.device)
         diff2, total = _pair_sq_dists(gram)
-        sq = gram.diagonal(dim1=1, dim2=2)
-        gii, gkk, gik = sq[:, i], sq[:, k], gram[:, i, k]              # (c, P)
-        diff2, total = diff2[:, i, k], total[:, i, k]                  # |u_i - u_k|^2, |u_i|^2 + |u_k|^2
-        valid = (gii > 0) & (gkk > 0)
+        sq = gram.diagonal(dim1=-2, dim2=-1)                             # (A, c, K)
+        gii, gkk, gik = sq[..., i], sq[..., k], gram[..., i, k]         # (A, c, P)
+        diff2, total = diff2[..., i, k], total[..., i, k]               # |u_i - u_k|^2, |u_i|^2 + |u_k|^2
+        nonzero = sq > 0 if scale is None else sq > ZERO_REL * scale
+        valid = nonzero[..., i] & nonzero[..., k]
+        gii, gkk = gii.clamp(min=0), gkk.clamp(min=0)
         cos = torch.where(valid, gik / (gii.sqrt() * gkk.sqrt()), 0.0).clamp(-1, 1)
         finite = valid & (diff2 > ZERO_REL * total)
         thales = torch.where(finite, ((total + 2 * gik).clamp(min=0) / diff2).sqrt(), 0.0)
-        n_pairs = len(i)
+        n_anchors, n_pairs = gram.shape[0], len(i)
         bin_index = ((cos + 1) / 2 * self.bins).floor().long().clamp(max=self.bins - 1)
-        flat = (bin_index + self.bins * torch.arange(n_pairs, device=v.device))[valid]
+        offsets = self.bins * torch.arange(n_anchors * n_pairs, device=gram.device).view(n_anchors, 1, n_pairs)
+        flat = (bin_index + offsets)[valid]
         return {
-            "n": valid.sum(0),
-            "n_degenerate": (~valid).sum(0),
-            "n_acute": (cos > 0).sum(0),
-            "sum_cos": cos.sum(0),
-            "sum_cos2": (cos * cos).sum(0),
-            "sum_angle": torch.where(valid, torch.rad2deg(torch.arccos(cos)), 0.0).sum(0),
-            "n_thales": finite.sum(0),
-            "sum_thales": thales.sum(0),
-            "hist": torch.bincount(flat, minlength=n_pairs * self.bins).view(n_pairs, self.bins),
+            "n": valid.sum(1),
+            "n_degenerate": (~valid).sum(1),
+            "n_acute": (cos > 0).sum(1),
+            "sum_cos": cos.sum(1),
+            "sum_cos2": (cos * cos).sum(1),
+            "sum_angle": torch.where(valid, torch.rad2deg(torch.arccos(cos)), 0.0).sum(1),
+            "n_thales": finite.sum(1),
+            "sum_thales": thales.sum(1),
+            "hist": torch.bincount(flat, minlength=n_anchors * n_pairs * self.bins).view(n_anchors, n_pairs, self.bins),
         }
 
     def to_frame(self) -> pd.DataFrame:

@@ -161,6 +161,46 @@ def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] 
     return runs
 
 
+def submit(grid_file: str | Path, out: Path, launcher: str = "slurm", slurm: dict[str, Any] | None = None,
+           wait: bool = True) -> list[PlannedRun]:
+    """Run the grid through ``submitit``: teachers first, then one array job over the unfinished runs.
+
+    ``launcher`` is ``slurm`` (a cluster) or ``local`` (submitit's local executor, for testing).
+    ``slurm`` holds executor parameters such as ``{"slurm_partition": "gpu", "timeout_min": 120,
+    "gpus_per_node": 1}``. Finished runs are skipped and interrupted ones resumed, as with ``execute``.
+    """
+    try:
+        import submitit
+    except ImportError:
+        raise LayergeoError("sweeps on a cluster need submitit: pip install submitit") from None
+    grid = load_grid(grid_file)
+    root = out / grid.name
+    teachers, runs = plan(grid, root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text(root / "grid.yaml", Path(grid_file).read_text())
+    executor = submitit.AutoExecutor(folder=root / "submitit" / "%j", cluster=None if launcher == "slurm" else launcher)
+    executor.update_parameters(**{"timeout_min": 240, **(slurm or {})})
+    pending = [(k, root / "teachers" / k) for k in teachers if not RunDir(root / "teachers" / k).finished]
+    if pending:
+        jobs = executor.map_array(_job, ["teacher"] * len(pending), [teachers[k] for k, _ in pending],
+                                  [o for _, o in pending], [None] * len(pending))
+        [job.result() for job in jobs]
+    todo = [r for r in runs if r.status != "done"]
+    print(f"sweep {grid.name}: submitting {len(todo)} of {len(runs)} runs through submitit ({launcher})", flush=True)
+    if todo:
+        jobs = executor.map_array(_job, ["train"] * len(todo), [r.config for r in todo], [r.out for r in todo],
+                                  [grid.geometry] * len(todo))
+        if wait:
+            [job.result() for job in jobs]
+    return runs
+
+
+def _job(kind: str, config: RunConfig, out: Path, geometry: dict[str, Any] | None) -> str:
+    """One submitit job: a run in the job's own process."""
+    _run_one(kind, config, out, None, geometry)
+    return str(out)
+
+
 def _with_slot(free: list, parallel: int, run: PlannedRun, geometry: dict[str, Any]) -> None:
     device = free.pop()
     try:

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_warmup, set_seed
 
 from layergeo import data
+from layergeo.cache import DTYPES as CACHE_DTYPES
+from layergeo.cache import TeacherCache
 from layergeo.config import OptimConfig, RunConfig
 from layergeo.errors import LayergeoError
 from layergeo.losses import hidden_matching_loss, kl_to_teacher, normalize_states
@@ -173,7 +175,8 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                 continue
             if loop.mapper is not None:
                 _log_mapping(loop, state)
-            batch = {k: v.to(loop.device, non_blocking=True) for k, v in batch.items()}
+            # "index" stays on the host: only the teacher cache reads it, and so without waiting for the device
+            batch = {k: v if k == "index" else v.to(loop.device, non_blocking=True) for k, v in batch.items()}
             with autocast:
                 losses = loop.step_losses(batch, state.epoch, state.step)
             optimizer.zero_grad(set_to_none=True)
@@ -327,6 +330,8 @@ def validate_student_config(config: RunConfig, out: Path) -> Mapper:
     if config.student.init not in ("copy", "random"):
         raise LayergeoError(f"unknown student.init {config.student.init!r}; choose 'copy' or 'random'")
     resolve_device(config.device)
+    if config.train.cache_dtype not in CACHE_DTYPES:
+        raise LayergeoError(f"unknown train.cache_dtype {config.train.cache_dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
     return mapper
 
 
@@ -358,7 +363,11 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     teacher.to(device).eval()
     student.to(device)
     eval_loader = {s: data.make_loader(encoded[s], tokenizer, 64, shuffle=False, seed=0) for s in ("dev", "test")}
-    step_losses = distillation_losses(student, teacher, mapper, config)
+    cache = open_teacher_cache(config, teacher_dir, teacher, tokenizer, task.name, encoded["train"], mapper)
+    env["teacher_cache"] = cache.describe() if cache is not None else {"used": False}
+    if cache is not None and device.type == "cuda":
+        teacher.cpu()  # only its config is needed from here on
+    step_losses = distillation_losses(student, teacher, mapper, config, cache=cache)
 
     loop = Loop(run, student, student.model, step_losses, lambda path: student.save(path, tokenizer), encoded["train"],
                 eval_loader["dev"], tokenizer, task.num_labels, config.train, device, config.seed, mapper)
@@ -371,15 +380,70 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
 
     extra = {"kind": "student", "task": task.name, "strategy": mapper.name, "init": config.student.init,
              "student_layers": config.student.layers, "teacher_layers": depth(teacher.config), "seed": config.seed,
-             "teacher_results": RunDir(teacher_dir).results()}
+             "teacher_results": RunDir(teacher_dir).results(), "teacher_cache": env["teacher_cache"]}
     return _finish(run, env, loop, state, evaluate_best, extra)
 
 
-def distillation_losses(student: Student, teacher: PreTrainedModel, mapper: Mapper, config: RunConfig):
-    """The per-batch loss of distillation: CE + T^2 KL + alpha * hidden matching (each term returned)."""
+def _teacher_needs(mapper: Mapper, config: RunConfig) -> tuple[bool, bool]:
+    """(whether the loss reads the teacher at all, whether it matches hidden states)."""
+    match = config.loss.alpha_hidden > 0 and mapper.name != "none"
+    return config.loss.alpha_kl > 0 or match, match
+
+
+def open_teacher_cache(
+    config: RunConfig, teacher_dir: Path, teacher: PreTrainedModel, tokenizer, task_name: str,
+    train_data: data.EncodedSplit, mapper: Mapper,
+) -> TeacherCache | None:
+    """The teacher's train-split outputs from ``<teacher run>/cache/`` when ``train.teacher_cache`` is on.
+
+    Stores (or reuses) the logits and the states the run can ever match: all of them for rail,
+    the targets of a fixed strategy, none when no hidden state is matched. None when the option
+    is off or the loss never reads the teacher.
+    """
+    need_teacher, match = _teacher_needs(mapper, config)
+    if not config.train.teacher_cache or not need_teacher:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building draws nothing, but the student's RNG stream must not move
+        return TeacherCache.open_or_build(
+            teacher, tokenizer, train_data, checkpoint=RunDir(teacher_dir).checkpoint("best"), task=task_name,
+            split="train", max_length=config.data.max_length, layers=mapper.teacher_states() if match else [],
+            dtype=config.train.cache_dtype, root=Path(teacher_dir) / "cache",
+        )
+
+
+TeacherOutputs = Callable[[dict, list[int]], tuple[torch.Tensor, "tuple[torch.Tensor, ...] | dict[int, torch.Tensor]"]]
+
+
+def live_teacher(teacher: PreTrainedModel, hidden_states: bool) -> TeacherOutputs:
+    """(batch, layers) -> the teacher's logits and hidden states, computed now (``layers`` unused)."""
+
+    def outputs(batch, layers):
+        with torch.no_grad():
+            out = teacher(**model_inputs(batch), output_hidden_states=hidden_states)
+        return out.logits, out.hidden_states
+
+    return outputs
+
+
+def cached_teacher(cache: TeacherCache) -> TeacherOutputs:
+    """(batch, layers) -> the teacher's logits and states ``layers`` for ``batch["index"]``, read from the cache."""
+
+    def outputs(batch, layers):
+        return cache.lookup(batch["index"], batch["attention_mask"], layers)
+
+    return outputs
+
+
+def distillation_losses(student: Student, teacher: PreTrainedModel, mapper: Mapper, config: RunConfig,
+                        cache: TeacherCache | None = None):
+    """The per-batch loss of distillation: CE + T^2 KL + alpha * hidden matching (each term returned).
+
+    The teacher's outputs come from ``cache`` when given (batches must carry "index"), else from
+    running ``teacher`` on the batch; the loss arithmetic is the same either way.
+    """
     loss_cfg = config.loss
-    match = loss_cfg.alpha_hidden > 0 and mapper.name != "none"
-    need_teacher = loss_cfg.alpha_kl > 0 or match
+    need_teacher, match = _teacher_needs(mapper, config)
+    teacher_outputs = cached_teacher(cache) if cache is not None else live_teacher(teacher, match)
 
     def step_losses(batch, epoch, step):
         inputs = model_inputs(batch)
@@ -387,14 +451,13 @@ def distillation_losses(student: Student, teacher: PreTrainedModel, mapper: Mapp
         terms = {"ce": F.cross_entropy(out.logits.float(), batch["labels"])}
         total = loss_cfg.alpha_ce * terms["ce"]
         if need_teacher:
-            with torch.no_grad():
-                teacher_out = teacher(**inputs, output_hidden_states=match)
-            terms["kl"] = kl_to_teacher(out.logits, teacher_out.logits, loss_cfg.temperature)
+            pairs = mapper.pairs_at(epoch, step) if match else []
+            teacher_logits, teacher_states = teacher_outputs(batch, sorted({t for _, t in pairs}))
+            terms["kl"] = kl_to_teacher(out.logits, teacher_logits, loss_cfg.temperature)
             total = total + loss_cfg.alpha_kl * terms["kl"]
         if match:
             terms["hidden"] = hidden_matching_loss(
-                out.hidden_states, teacher_out.hidden_states, mapper.pairs_at(epoch, step), inputs["attention_mask"],
-                student.project, loss_cfg.normalize,
+                out.hidden_states, teacher_states, pairs, inputs["attention_mask"], student.project, loss_cfg.normalize,
             )
             total = total + loss_cfg.alpha_hidden * terms["hidden"]
         return {"loss": total, **terms}

@@ -464,3 +464,25 @@ def test_state_size_does_not_depend_on_token_count(small_chunks):
         sizes[n] = [{name: tuple(t.shape) for name, t in state.items()} for state in states]
     assert sizes[10] == sizes[3000]
     assert sum(t.numel() for t in angle.state_tensors().values()) == 2 * 6 * (8 + 20)
+
+
+def test_difference_gram_path_equals_the_vector_path():
+    """Gram by expansion (states read once) gives the same statistics, degenerate tokens included."""
+    from layergeo.geometry import difference_gram
+
+    gen = torch.Generator().manual_seed(7)
+    teachers = torch.randn(300, 5, 16, generator=gen, dtype=torch.float64) * 3
+    student = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    student[:40] = teachers[:40, 0]          # S = T0 exactly: degenerate for every pair with T0
+    student[40:60] = teachers[40:60, 2] + 1e-3
+    by_vectors, by_gram = AngleAccumulator(1, 5, bins=50), AngleAccumulator(1, 5, bins=50)
+    by_vectors.update(0, teachers - student[:, None, :])
+    cross = (teachers * student[:, None, :]).sum(-1)
+    gram, scale = difference_gram(teachers @ teachers.transpose(1, 2), cross, (student * student).sum(-1))
+    by_gram.update_gram([0], gram[None], scale[None])
+    a, b = by_vectors.to_frame(), by_gram.to_frame()
+    assert (a.n_degenerate == b.n_degenerate).all() and a.n_degenerate.max() == 40
+    assert (a.n_tokens == b.n_tokens).all()
+    np.testing.assert_allclose(a[["mean_cos", "frac_acute", "mean_angle_deg", "mean_thales_ratio"]],
+                               b[["mean_cos", "frac_acute", "mean_angle_deg", "mean_thales_ratio"]], rtol=1e-9, atol=1e-12)
+    assert (by_vectors.hist_frame()["count"] == by_gram.hist_frame()["count"]).all()

@@ -111,3 +111,13 @@ def test_shipped_paper_numbers_match_the_reference():
         numbers = {float(x) for x in re.findall(r"\b\d+\.\d+\b", rows)}
         shipped = set(pd.read_csv(Path(__file__).resolve().parents[1] / "layergeo" / "resources" / "paper_results.csv").value)
         assert numbers <= shipped, sorted(numbers - shipped)
+
+
+def test_sweep_through_submitit_local_executor(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.replace("seed: [0, 1, 2]", "seed: [0]").replace("[none, forward, reverse]", "[forward, rail]"))
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "s"), "--launcher", "local"]) == 0
+    runs = tmp_path / "s" / "tiny-grid" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["forward_seed0", "rail_seed0"]
+    assert all((p / "results.json").is_file() for p in runs.iterdir())
+    assert any((tmp_path / "s" / "tiny-grid" / "submitit").rglob("*_result.pkl"))

@@ -1,0 +1,301 @@
+"""Figures on small synthetic tables: panels, readable labels, fixed colour scales, saving, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import QuadMesh
+
+from layergeo import plots
+from layergeo.errors import LayergeoError
+
+STUDENT_LAYERS = [0, 1, 2]
+TEACHER_STATES = 4
+TEACHER_TICKS = ["T0", "T1", "T2", "T3"]
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def angles_frame(frac=0.62, layers=STUDENT_LAYERS, teachers=TEACHER_STATES) -> pd.DataFrame:
+    """Values in a narrow range, so a data-driven colour scale would differ from the fixed one."""
+    rows = [
+        {
+            "student_layer": layer,
+            "teacher_i": i,
+            "teacher_k": k,
+            "frac_acute": frac + 0.01 * (k - i),
+            "mean_angle_deg": 80.0 + k - i,
+            "mean_cos": 0.1 + 0.01 * (k - i),
+        }
+        for layer in layers
+        for i, k in itertools.combinations(range(teachers), 2)
+    ]
+    return pd.DataFrame(rows)
+
+
+def tidy_frame() -> pd.DataFrame:
+    """2 strategies x 2 inits x 2 checkpoints x 2 seeds; layer 0 at 0.0, layers 1, 2 at seed-dependent values."""
+    frames = []
+    for strategy, init, checkpoint, seed in itertools.product(["reverse", "forward"], ["random", "copy"], ["best", "init"], [0, 1]):
+        frame = angles_frame(frac=0.6 + 0.1 * seed)
+        frame.loc[frame["student_layer"] == 0, "frac_acute"] = 0.0
+        frames.append(frame.assign(run=f"{strategy}-{init}-{seed}", strategy=strategy, init=init, checkpoint=checkpoint))
+    return pd.concat(frames, ignore_index=True)
+
+
+def colorbar_axes(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def heatmap_axes(fig):
+    """Axes holding a heatmap, colorbars excluded."""
+    return [
+        ax for ax in fig.axes
+        if ax.get_label() != "<colorbar>" and any(isinstance(c, QuadMesh) for c in ax.collections)
+    ]
+
+
+def ticks(labels):
+    return [label.get_text() for label in labels]
+
+
+# ---------------------------------------------------------------- labels and order
+
+
+def test_labels_order_and_palette():
+    assert plots.strategy_label("rail") == "RAIL (in-order random)"
+    assert plots.strategy_label("my_map") == "my_map"
+    assert plots.sort_strategies(["zeta", "reverse", "none", "forward", "reverse"]) == ["none", "forward", "reverse", "zeta"]
+    assert list(plots.STRATEGY_PALETTE) == plots.STRATEGY_ORDER
+    assert len(set(plots.STRATEGY_PALETTE.values())) == len(plots.STRATEGY_ORDER)
+
+
+# ---------------------------------------------------------------- angle heatmaps
+
+
+@pytest.mark.parametrize(
+    "value, clim, label",
+    [
+        ("frac_acute", (0, 1), "Fraction of acute angles"),
+        ("mean_angle_deg", (0, 180), "Mean angle (degrees)"),
+        ("mean_cos", (-1, 1), "Mean cosine of the angle"),
+    ],
+)
+def test_angle_heatmaps_panels_ticks_and_fixed_scale(value, clim, label):
+    fig = plots.angle_heatmaps(angles_frame(), value, title="Run A")
+    panels = heatmap_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["Student layer S0", "Student layer S1", "Student layer S2"]
+    assert fig.get_suptitle() == "Run A"
+    for ax in panels:
+        assert ticks(ax.get_xticklabels()) == TEACHER_TICKS
+        assert ticks(ax.get_yticklabels()) == TEACHER_TICKS
+        assert ax.collections[0].get_clim() == clim
+    (colorbar,) = colorbar_axes(fig)
+    assert colorbar.get_ylabel() == label
+    assert panels[0].get_ylabel() == "Teacher layer"
+    assert "_" not in panels[0].get_xlabel()
+
+
+def test_angle_heatmaps_matrix_is_symmetric_with_blank_diagonal_and_annotated():
+    fig = plots.angle_heatmaps(angles_frame())
+    ax = heatmap_axes(fig)[0]
+    cells = ax.collections[0].get_array().reshape(TEACHER_STATES, TEACHER_STATES)
+    assert cells.mask.diagonal().all()
+    assert cells[0, 3] == cells[3, 0] == pytest.approx(0.65)
+    assert len(ax.texts) == TEACHER_STATES * (TEACHER_STATES - 1)  # every off-diagonal cell annotated
+    big = plots.angle_heatmaps(angles_frame(layers=[1], teachers=9))
+    assert len(heatmap_axes(big)[0].texts) == 0  # 9 x 9: no annotation
+
+
+def test_angle_heatmaps_wrap_to_four_columns():
+    fig = plots.angle_heatmaps(angles_frame(layers=range(6)))
+    panels = heatmap_axes(fig)
+    assert len(panels) == 6
+    specs = [ax.get_subplotspec() for ax in panels]
+    assert max(spec.colspan.start for spec in specs) == 3
+    assert max(spec.rowspan.start for spec in specs) == 1
+    assert len(colorbar_axes(fig)) == 1
+
+
+def test_angle_heatmaps_bad_input():
+    with pytest.raises(LayergeoError, match="unknown value 'median'"):
+        plots.angle_heatmaps(angles_frame(), "median")
+    with pytest.raises(LayergeoError, match="empty"):
+        plots.angle_heatmaps(pd.DataFrame())
+    with pytest.raises(LayergeoError, match="missing column.*teacher_k"):
+        plots.angle_heatmaps(angles_frame().drop(columns="teacher_k"))
+
+
+# ---------------------------------------------------------------- cosine histograms
+
+
+def test_cosine_histograms_density_and_acute_fraction():
+    edges = np.linspace(-1, 1, 5)
+    hist = pd.DataFrame(
+        [
+            {"student_layer": layer, "bin_left": lo, "bin_right": hi, "count": count}
+            for layer, counts in [(0, [1, 1, 1, 1]), (1, [0, 1, 1, 2])]
+            for lo, hi, count in zip(edges[:-1], edges[1:], counts)
+        ]
+    )
+    fig = plots.cosine_histograms(hist, title="Cosines")
+    (ax,) = fig.axes
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["S0: 50.0% acute", "S1: 75.0% acute"]
+    assert ax.get_xlim() == (-1, 1)
+    assert fig.get_suptitle() == "Cosines"
+    assert any(text.get_text() == "right angle" for text in ax.texts)
+    layer_lines = [line for line in ax.get_lines() if line.get_label().startswith("S")]
+    for line in layer_lines:
+        assert np.sum(line.get_ydata() * 0.5) == pytest.approx(1)  # densities integrate to 1
+    zero_line = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(zero_line[0].get_xdata()) == [0, 0]
+    with pytest.raises(LayergeoError, match="empty"):
+        plots.cosine_histograms(hist.iloc[:0])
+    by_strategy = hist.assign(strategy=hist["student_layer"].map({0: "reverse", 1: "forward"}))
+    (ax,) = plots.cosine_histograms(by_strategy, by="strategy").axes
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["Forward: 75.0% acute", "Reverse: 50.0% acute"]
+
+
+# ---------------------------------------------------------------- generic matrix
+
+
+def test_matrix_heatmap_fixed_scale_nan_and_labels():
+    matrix = np.array([[0.91, 0.92, np.nan], [0.93, 0.94, 0.95]])
+    fig = plots.matrix_heatmap(
+        matrix, ["S0", "S1"], ["T0", "T1", "T2"], "Linear CKA", "CKA", vmin=0, vmax=1,
+        xlabel="Teacher layer", ylabel="Student layer",
+    )
+    ax = fig.axes[0]
+    assert ax.get_title() == "Linear CKA"
+    assert ticks(ax.get_xticklabels()) == ["T0", "T1", "T2"]
+    assert ticks(ax.get_yticklabels()) == ["S0", "S1"]
+    assert ax.collections[0].get_clim() == (0, 1)
+    assert ax.collections[0].get_array().reshape(2, 3).mask[0, 2]
+    assert len(ax.texts) == 5
+    assert fig.axes[1].get_ylabel() == "CKA"
+    with pytest.raises(LayergeoError, match="labels"):
+        plots.matrix_heatmap(matrix, ["S0"], ["T0", "T1", "T2"], "t", "c")
+    with pytest.raises(LayergeoError, match="non-empty"):
+        plots.matrix_heatmap(np.zeros((0, 3)), [], ["T0", "T1", "T2"], "t", "c")
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def test_comparison_grid_facets_labels_scale_and_averaging():
+    fig = plots.comparison_grid(tidy_frame())
+    spans = [(ax.get_subplotspec(), ax) for ax in heatmap_axes(fig)]
+    grid = {(spec.rowspan.start, spec.colspan.start): ax for spec, ax in spans}
+    assert len(grid) == 8  # 4 (init, checkpoint) rows x 2 strategies
+    assert [grid[0, c].get_title() for c in range(2)] == ["Forward", "Reverse"]
+    row_labels = [grid[r, 0].get_ylabel() for r in range(4)]
+    assert row_labels == [
+        "Weights copied\nUntrained", "Weights copied\nTrained",
+        "Randomly initialised\nUntrained", "Randomly initialised\nTrained",
+    ]
+    assert "S1–S2" in fig.get_suptitle()
+    for ax in grid.values():
+        assert ax.collections[0].get_clim() == (0, 1)
+        assert ticks(ax.get_xticklabels()) == TEACHER_TICKS
+    # layer 0 (0.0) left out; runs at 0.6 and 0.7 (+ 0.01 (k - i)) averaged
+    cells = grid[0, 0].collections[0].get_array().reshape(TEACHER_STATES, TEACHER_STATES)
+    assert cells[0, 1] == pytest.approx(0.66)
+    assert len(colorbar_axes(fig)) == 1
+
+
+def test_comparison_grid_missing_cell_and_bad_value():
+    tidy = tidy_frame()
+    tidy = tidy[~((tidy["strategy"] == "reverse") & (tidy["init"] == "random"))]
+    fig = plots.comparison_grid(tidy, value="mean_angle_deg")
+    heatmaps = heatmap_axes(fig)
+    assert len(heatmaps) == 6
+    assert heatmaps[0].collections[0].get_clim() == (0, 180)
+    assert sum(text.get_text() == "no runs" for ax in fig.axes for text in ax.texts) == 2
+    with pytest.raises(LayergeoError, match="unknown value"):
+        plots.comparison_grid(tidy, value="frac")
+    with pytest.raises(LayergeoError, match="empty"):
+        plots.comparison_grid(tidy.iloc[:0])
+
+
+def summary_frame() -> pd.DataFrame:
+    tidy = tidy_frame()
+    return tidy.groupby(["run", "strategy", "init", "checkpoint"], as_index=False)["frac_acute"].mean()
+
+
+def test_acute_fraction_points():
+    fig = plots.acute_fraction_points(summary_frame())
+    assert [ax.get_title() for ax in fig.axes] == ["Weights copied", "Randomly initialised"]
+    for ax in fig.axes:
+        assert ax.get_ylim() == (0, 1)
+        assert ticks(ax.get_xticklabels()) == ["Forward", "Reverse"]
+        assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.get_lines())
+    assert fig.axes[0].get_ylabel() == "Fraction of acute angles"
+    legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
+    assert legend[:2] == ["Untrained", "Trained"]
+    with pytest.raises(LayergeoError, match="missing column.*checkpoint"):
+        plots.acute_fraction_points(summary_frame().drop(columns="checkpoint"))
+
+
+def test_metric_points_mean_and_std():
+    results = pd.DataFrame(
+        [
+            {"strategy": strategy, "init": init, "task": task, "value": 0.7 + 0.1 * seed}
+            for strategy in ["reverse", "forward"]
+            for init in ["copy", "random"]
+            for task in ["rotten_tomatoes", "bbc_news"]
+            for seed in [0, 1]
+        ]
+    )
+    fig = plots.metric_points(results, "Test accuracy")
+    assert [ax.get_title() for ax in fig.axes] == ["bbc_news", "rotten_tomatoes"]
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "Test accuracy"
+    assert ticks(ax.get_xticklabels()) == ["Forward", "Reverse"]
+    means = [line for line in ax.get_lines() if line.get_marker() == "D"]
+    assert all(line.get_ydata()[0] == pytest.approx(0.75) for line in means)
+    legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
+    assert legend[:2] == ["Weights copied", "Randomly initialised"]
+
+
+def test_loss_curves_panels_palette_and_log_scale():
+    steps = np.arange(1, 6)
+    metrics = pd.DataFrame(
+        [
+            {"strategy": strategy, "step": step, "term": term, "value": value}
+            for strategy in ["reverse", "forward"]
+            for step in steps
+            for term, value in [("ce", 1.0 / step), ("hidden", 2.0 / step), ("lr", 0.0 if step == 5 else 1e-4)]
+        ]
+    )
+    fig = plots.loss_curves(metrics, title="Training")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Cross-entropy with labels", "Hidden-state loss", "Learning rate"]
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
+    colors = [line.get_color() for line in fig.axes[0].get_lines()]
+    assert colors == [plots.STRATEGY_PALETTE["forward"], plots.STRATEGY_PALETTE["reverse"]]
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == ["Forward", "Reverse"]
+
+
+# ---------------------------------------------------------------- saving
+
+
+def test_save_figure_writes_png_and_pdf_atomically(tmp_path):
+    fig = plots.angle_heatmaps(angles_frame())
+    paths = plots.save_figure(fig, tmp_path / "figs" / "angles.run1")
+    assert paths == [tmp_path / "figs" / "angles.run1.png", tmp_path / "figs" / "angles.run1.pdf"]
+    assert all(path.stat().st_size > 0 for path in paths)
+    assert paths[0].read_bytes().startswith(b"\x89PNG")
+    assert paths[1].read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["angles.run1.pdf", "angles.run1.png"]
+    assert not plt.fignum_exists(fig.number)
