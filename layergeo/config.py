@@ -47,6 +47,12 @@ class OptimConfig:
     # teacher (see layergeo/cache.py). Off = the live teacher on every batch. Float32 gives the live losses.
     teacher_cache: bool = False
     cache_dtype: str = "float16"  # float16 (half the disk, ~1e-3 relative on the hidden term) | float32
+    # At each log step, also log the gradient norm of each weighted loss term (ce, kl, hidden): one extra
+    # backward pass per term, on log steps only. Shows which term drives the student.
+    term_grad_norms: bool = False
+    # Student runs with student.init=random only: their own learning rate and epochs (null = lr, epochs).
+    random_init_lr: float | None = None
+    random_init_epochs: int | None = None
 
 
 @dataclass

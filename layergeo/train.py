@@ -8,6 +8,7 @@ only at log intervals, so the step itself never waits for the host.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -125,6 +126,7 @@ class Loop:
     device: torch.device
     seed: int
     mapper: Mapper | None = None
+    term_weights: dict[str, float] = field(default_factory=dict)  # loss term -> alpha, for term_grad_norms
 
 
 def _loader(loop: Loop, epoch: int):
@@ -179,6 +181,8 @@ def fit(loop: Loop, resume: bool) -> LoopState:
             batch = {k: v if k == "index" else v.to(loop.device, non_blocking=True) for k, v in batch.items()}
             with autocast:
                 losses = loop.step_losses(batch, state.epoch, state.step)
+            log_now = (state.step + 1) % optim.log_every == 0 or state.step + 1 == total
+            term_norms = _term_grad_norms(loop, losses) if optim.term_grad_norms and log_now else {}
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(loop.module.parameters(), optim.grad_clip)
@@ -190,8 +194,8 @@ def fit(loop: Loop, resume: bool) -> LoopState:
             state.step += 1
             state.step_in_epoch = i + 1
             bar.update(1)
-            if state.step % optim.log_every == 0 or state.step == total:
-                record = {k: float(v) / window for k, v in sums.items()}
+            if log_now:
+                record = {k: float(v) / window for k, v in sums.items()} | {k: float(v) for k, v in term_norms.items()}
                 append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **record})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{max(state.best_accuracy, 0):.3f}")
                 sums, window = {}, 0
@@ -214,6 +218,17 @@ def fit(loop: Loop, resume: bool) -> LoopState:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     bar.close()
     return state
+
+
+def _term_grad_norms(loop: Loop, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradient norm of each weighted loss term on this batch: grad_norm_<term> = alpha * |d term / d theta|."""
+    params = [p for p in loop.module.parameters() if p.requires_grad]
+    norms = {}
+    for name, weight in loop.term_weights.items():
+        if name in losses and losses[name].requires_grad:
+            grads = torch.autograd.grad(losses[name], params, retain_graph=True, allow_unused=True)
+            norms[f"grad_norm_{name}"] = weight * torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+    return norms
 
 
 def _save_last(path: Path, module: nn.Module, optimizer, scheduler, state: LoopState) -> None:
@@ -335,6 +350,14 @@ def validate_student_config(config: RunConfig, out: Path) -> Mapper:
     return mapper
 
 
+def student_optim(config: RunConfig) -> OptimConfig:
+    """``config.train`` with the random-init learning rate and epochs applied when the student is random."""
+    optim = config.train
+    if config.student.init != "random":
+        return optim
+    return dataclasses.replace(optim, lr=optim.random_init_lr or optim.lr, epochs=optim.random_init_epochs or optim.epochs)
+
+
 def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     """Distil a student of the teacher into the run directory ``out`` (training the teacher first if needed)."""
     mapper = validate_student_config(config, out)
@@ -369,8 +392,10 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
         teacher.cpu()  # only its config is needed from here on
     step_losses = distillation_losses(student, teacher, mapper, config, cache=cache)
 
+    loss = config.loss
     loop = Loop(run, student, student.model, step_losses, lambda path: student.save(path, tokenizer), encoded["train"],
-                eval_loader["dev"], tokenizer, task.num_labels, config.train, device, config.seed, mapper)
+                eval_loader["dev"], tokenizer, task.num_labels, student_optim(config), device, config.seed, mapper,
+                term_weights={"ce": loss.alpha_ce, "kl": loss.alpha_kl, "hidden": loss.alpha_hidden})
     state = fit(loop, resume)
 
     def evaluate_best():

@@ -156,3 +156,17 @@ def test_empty_or_labelless_dataset(tmp_path, tiny_run, capsys, content):
     assert _train(tmp_path / "x", tiny_run / "teacher", f"data.task={data}") == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_term_gradient_norms_and_random_init_budget(tiny_run, tmp_path):
+    out = tmp_path / "terms"
+    assert _train(out, tiny_run / "teacher", "train.term_grad_norms=true", "student.init=random",
+                  "train.random_init_lr=5e-4", "train.random_init_epochs=2") == 0
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert all({"grad_norm_ce", "grad_norm_kl", "grad_norm_hidden"} <= set(r) for r in records)
+    assert all(r["grad_norm_hidden"] > 0 for r in records)
+    assert records[-1]["step"] == 16  # 2 epochs of 8 steps
+    assert max(r["lr"] for r in records) <= 5e-4 and max(r["lr"] for r in records) > 1e-4
+    copy = tmp_path / "copy"
+    assert _train(copy, tiny_run / "teacher", "train.random_init_epochs=2") == 0
+    assert [r for r in read_jsonl(copy / "metrics.jsonl") if "loss" in r][-1]["step"] == 8
