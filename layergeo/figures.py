@@ -19,7 +19,7 @@ from layergeo.report import collect_results
 from layergeo.runs import read_jsonl
 
 METRIC_LABELS = {"test_accuracy": "Test accuracy (%)", "test_macro_f1": "Test macro-F1 (%)", "dev_accuracy": "Dev accuracy (%)"}
-LOSS_TERMS = ("ce", "kl", "hidden", "grad_norm")
+LOSS_TERMS = ("ce", "kl", "hidden", "grad_norm", "grad_norm_ce", "grad_norm_kl", "grad_norm_hidden")
 
 
 def _grid_geometry(root: Path) -> dict:

@@ -51,6 +51,9 @@ TERM_LABELS = {
     "kl": "KL divergence to teacher",
     "hidden": "Hidden-state loss",
     "grad_norm": "Gradient norm",
+    "grad_norm_ce": "Gradient norm of α·CE",
+    "grad_norm_kl": "Gradient norm of α·KL",
+    "grad_norm_hidden": "Gradient norm of α·hidden loss",
     "lr": "Learning rate",
 }
 

@@ -1,0 +1,67 @@
+"""Pick the random-init training setting from the no-matching and forward students only.
+
+Reads every finished run under a sweep folder (analyses/random_init_budget.yaml), groups the runs
+by their knob setting (loss normalisation, alpha_hidden, random-init lr and epochs, warm-up), scores
+each setting by the mean dev accuracy of its `none` and `forward` students (both must be present),
+and prints the ranking and the winner as grid lines for the verdict recipe. Other strategies, if
+present, are ignored: the setting must not be chosen by the strategy gap it is meant to measure.
+
+    python analyses/select_budget.py runs/random-init-budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+KNOBS = {"loss.normalize": ("loss", "normalize"), "loss.alpha_hidden": ("loss", "alpha_hidden"),
+         "train.random_init_lr": ("train", "random_init_lr"), "train.random_init_epochs": ("train", "random_init_epochs"),
+         "train.warmup_ratio": ("train", "warmup_ratio")}
+SELECTION_STRATEGIES = ("none", "forward")
+
+
+def runs_table(root: Path) -> pd.DataFrame:
+    rows = []
+    for results_file in sorted(root.rglob("results.json")):
+        results = json.loads(results_file.read_text())
+        if results.get("kind") != "student":
+            continue
+        config = yaml.safe_load((results_file.parent / "config.yaml").read_text())
+        rows.append({"strategy": results["strategy"], "seed": results["seed"], "dev_accuracy": 100 * results["dev"]["accuracy"],
+                     **{knob: config[section][key] for knob, (section, key) in KNOBS.items()}})
+    return pd.DataFrame(rows)
+
+
+def select(table: pd.DataFrame) -> pd.DataFrame:
+    """Settings ranked by the mean dev accuracy of their none and forward students (best first)."""
+    chosen = table[table.strategy.isin(SELECTION_STRATEGIES)]
+    knobs = list(KNOBS)
+    per_strategy = chosen.groupby(knobs + ["strategy"], dropna=False)["dev_accuracy"].mean().unstack("strategy")
+    per_strategy = per_strategy.dropna(subset=list(SELECTION_STRATEGIES))
+    per_strategy["score"] = per_strategy[list(SELECTION_STRATEGIES)].mean(axis=1)
+    return per_strategy.sort_values("score", ascending=False).reset_index()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path)
+    args = parser.parse_args(argv)
+    ranking = select(runs_table(args.sweep))
+    if ranking.empty:
+        print(f"no setting under {args.sweep} has both a none and a forward student", file=sys.stderr)
+        return 2
+    print(ranking.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    best = ranking.iloc[0]
+    print("\nchosen setting (put these in the verdict grid's base):")
+    for knob in KNOBS:
+        print(f"  {knob}: {best[knob]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
