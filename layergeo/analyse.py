@@ -250,13 +250,21 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
     frames, summaries = [], []
     for path in expand_runs(paths):
         for checkpoint in checkpoints:
-            folder = analyse_run(path, AngleOptions(**{**asdict(options), "checkpoint": checkpoint}), reuse=True)
+            try:
+                folder = analyse_run(path, AngleOptions(**{**asdict(options), "checkpoint": checkpoint}), reuse=True)
+            except LayergeoError as exc:
+                if len(paths) == 1 and (Path(paths[0]) / "config.yaml").is_file():
+                    raise
+                print(f"skipping {path.name}: {exc}", file=sys.stderr)  # e.g. a narrow student matched to nothing
+                continue
             summary = json.loads((folder / "summary.json").read_text())
             angles = pd.read_csv(folder / "angles.csv").drop(columns=["checkpoint"])
             ident = {k: summary[k] for k in ("run", "strategy", "init", "seed", "checkpoint", "task")}
             frames.append(angles.assign(**ident))
             summaries.append({**ident, **{k: summary[k] for k in summary if k.startswith("frac_acute")},
                               "n_tokens": summary["n_tokens"], "dev_accuracy": summary["dev_accuracy"]})
+    if not frames:
+        raise LayergeoError("none of the runs could be analysed")
     tidy = pd.concat(frames, ignore_index=True)
     lead = ["run", "strategy", "init", "seed", "checkpoint", "task"]
     tidy = tidy[lead + [c for c in tidy.columns if c not in lead]]

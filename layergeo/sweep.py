@@ -239,4 +239,7 @@ def _run_one(kind: str, config: RunConfig, out: Path, device: str | None, geomet
         for checkpoint in geometry.get("checkpoints", ["init", "best"]):
             options = AngleOptions(checkpoint=checkpoint, max_examples=geometry.get("max_examples"),
                                    space=geometry.get("space", "student"))
-            analyse_run(out, options, reuse=True)
+            try:
+                analyse_run(out, options, reuse=True)
+            except LayergeoError as exc:  # e.g. a narrow student without projections (strategy none)
+                print(f"no angles for {out.name}: {exc}", flush=True)
