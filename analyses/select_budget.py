@@ -12,12 +12,12 @@ present, are ignored: the setting must not be chosen by the strategy gap it is m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
+
+from layergeo.report import collect_results
 
 KNOBS = {"loss.normalize": ("loss", "normalize"), "loss.alpha_hidden": ("loss", "alpha_hidden"),
          "train.random_init_lr": ("train", "random_init_lr"), "train.random_init_epochs": ("train", "random_init_epochs"),
@@ -26,15 +26,7 @@ SELECTION_STRATEGIES = ("none", "forward")
 
 
 def runs_table(root: Path) -> pd.DataFrame:
-    rows = []
-    for results_file in sorted(root.rglob("results.json")):
-        results = json.loads(results_file.read_text())
-        if results.get("kind") != "student":
-            continue
-        config = yaml.safe_load((results_file.parent / "config.yaml").read_text())
-        rows.append({"strategy": results["strategy"], "seed": results["seed"], "dev_accuracy": 100 * results["dev"]["accuracy"],
-                     **{knob: config[section][key] for knob, (section, key) in KNOBS.items()}})
-    return pd.DataFrame(rows)
+    return collect_results(root, KNOBS)
 
 
 def select(table: pd.DataFrame) -> pd.DataFrame:

@@ -26,8 +26,11 @@ SETTING_KEYS = ["student_layers", "hidden_size", "normalize", "alpha_hidden"]
 BOOTSTRAP_SAMPLES = 10_000
 
 
-def collect_results(root: str | Path) -> pd.DataFrame:
-    """One row per finished student run under ``root``: identity, setting and metrics (in %)."""
+def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | None = None) -> pd.DataFrame:
+    """One row per finished student run under ``root``: identity, setting and metrics (in %).
+
+    ``config_keys`` adds columns read from each run's config.yaml: {column: (section, key)}.
+    """
     import yaml
 
     root = Path(root)
@@ -50,6 +53,7 @@ def collect_results(root: str | Path) -> pd.DataFrame:
             "normalize": config["loss"]["normalize"],
             "alpha_hidden": config["loss"]["alpha_hidden"],
             "teacher_test_accuracy": 100 * results["teacher_results"]["test"]["accuracy"],
+            **{column: config[section].get(key) for column, (section, key) in (config_keys or {}).items()},
         }
         for split in ("dev", "test"):
             for metric in ("accuracy", "macro_f1"):
