@@ -237,7 +237,7 @@ def run_angles(args: argparse.Namespace) -> int:
 def run_training(args: argparse.Namespace) -> int:
     from layergeo.config import load_config
     from layergeo.runs import prepare_out_dir
-    from layergeo.train import distil_student, fine_tune_teacher
+    from layergeo.train import distil_student, distributed_state, fine_tune_teacher, on_main
 
     out = Path(args.out)
     preset = args.preset or (None if args.config else "default")
@@ -245,19 +245,24 @@ def run_training(args: argparse.Namespace) -> int:
         config = load_config(out / "config.yaml") if (out / "config.yaml").is_file() else load_config(preset="default")
     else:
         config = load_config(args.config, preset, args.overrides)
+    # one process, or one of several started by `accelerate launch` / `torchrun`: only the main one
+    # checks and clears --out (the others wait for it, and get its error if any) and writes the run
+    state, _ = distributed_state(config.device)
     existed = out.exists()
-    prepare_out_dir(out, args.resume, args.overwrite)
+    on_main(state, lambda: prepare_out_dir(out, args.resume, args.overwrite))
     try:
         if args.command == "teacher":
             results = fine_tune_teacher(config, out, resume=args.resume)
         else:
             results = distil_student(config, out, resume=args.resume)
     except LayergeoError:
-        if not args.resume:  # leave nothing half-written behind
+        if not args.resume and state.is_main_process:  # leave nothing half-written behind
             shutil.rmtree(out, ignore_errors=True)
             if existed:
                 out.mkdir()
         raise
+    if not state.is_main_process:
+        return 0
     dev, test = results["dev"], results["test"]
     print(f"{args.command} run written to {out}: dev accuracy {dev['accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
           f"{results['steps']} steps in {results['wall_time_s']:.0f} s")

@@ -53,6 +53,9 @@ class OptimConfig:
     # Student runs with student.init=random only: their own learning rate and epochs (null = lr, epochs).
     random_init_lr: float | None = None
     random_init_epochs: int | None = None
+    # torch.compile the trained model (the student, or the teacher being fine-tuned) for the training steps;
+    # dev evaluation runs it uncompiled. Off by default: compilation takes a while and changes rounding.
+    compile: bool = False
 
 
 @dataclass
