@@ -78,6 +78,6 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
     losses = loss_terms(root)
     for (init, task), group in losses.groupby(["init", "task"]):
         curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()
-        title = f"Loss terms during distillation (mean over seeds): {task}, {plots.INIT_LABELS.get(init, init)}"
+        title = f"Loss terms during distillation (mean over seeds): {plots.task_label(task)}, {plots.INIT_LABELS.get(init, init)}"
         plots.save_figure(plots.loss_curves(curve, title), out / f"loss_terms_{task}_{init}")
     return out

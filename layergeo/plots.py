@@ -45,6 +45,7 @@ STRATEGY_LABELS = {
 }
 INIT_LABELS = {"copy": "Weights copied", "random": "Randomly initialised"}
 CHECKPOINT_LABELS = {"init": "Untrained", "best": "Trained"}
+TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
 TERM_LABELS = {
     "loss": "Total loss",
     "ce": "Cross-entropy with labels",
@@ -104,6 +105,11 @@ def _themed(fn: Callable[..., Figure]) -> Callable[..., Figure]:
 
 
 # ---------------------------------------------------------------- labels, order, colours
+
+
+def task_label(name: str) -> str:
+    """Readable name of a task; other tasks keep their own name."""
+    return TASK_LABELS.get(name, str(name))
 
 
 def strategy_label(name: str) -> str:
@@ -501,7 +507,7 @@ def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
     )
     for ax, task in zip(axes[0], tasks):
         _dot_panel(ax, results[results["task"] == task], "value", strategies, "init", inits, colors, spread="std")
-        ax.set_title(str(task))
+        ax.set_title(task_label(task))
         ax.set_ylabel(metric_label)
     _dot_legend(axes[0, -1], inits, colors, INIT_LABELS, "Student init", "Mean ± std")
     return fig

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from layergeo.errors import LayergeoError
-from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label
+from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label, task_label
 from layergeo.runs import write_text
 
 METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc"}
@@ -88,7 +88,7 @@ def main_table(stats: pd.DataFrame) -> pd.DataFrame:
     """The paper's layout: rows init x strategy, columns task / metric, cells 'mean ± std (n)'."""
     stats = stats.copy()
     stats["cell"] = [f"{m:.1f} ± {s:.1f} ({n})" if n > 1 else f"{m:.1f} (1)" for m, s, n in zip(stats["mean"], stats["std"].fillna(0), stats["n"])]
-    stats["column"] = stats.task + " " + stats.metric.map(METRICS)
+    stats["column"] = stats.task.map(task_label) + " " + stats.metric.map(METRICS)
     index = [k for k in stats.columns if k in SETTING_KEYS] + ["init", "strategy"]
     table = stats.pivot_table(index=index, columns="column", values="cell", aggfunc="first", observed=True)
     table = table.reset_index()
@@ -158,7 +158,7 @@ def paper_table() -> pd.DataFrame:
 
 def _write_table(frame: pd.DataFrame, stem: Path, float_format: str = "%.2f") -> None:
     write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))
-    write_text(stem.with_suffix(".md"), frame.to_markdown(index=False, floatfmt=".2f") + "\n")
+    write_text(stem.with_suffix(".md"), frame.to_markdown(index=False, floatfmt=".2f", missingval="–") + "\n")
     write_text(stem.with_suffix(".tex"), frame.to_latex(index=False, float_format=lambda v: float_format % v, na_rep="--"))
 
 
@@ -193,6 +193,6 @@ def write_report(root: str | Path, out: Path | None = None, paper: bool = False)
     text = [f"# layergeo report: {Path(root).name}\n", f"{len(results)} finished student runs.\n"]
     for title, name in sections:
         if not tables[name].empty:
-            text += [f"## {title}\n", tables[name].to_markdown(index=False, floatfmt=".2f"), ""]
+            text += [f"## {title}\n", tables[name].to_markdown(index=False, floatfmt=".2f", missingval="–"), ""]
     write_text(out / "report.md", "\n".join(text) + "\n")
     return out

@@ -257,7 +257,7 @@ def test_metric_points_mean_and_std():
         ]
     )
     fig = plots.metric_points(results, "Test accuracy")
-    assert [ax.get_title() for ax in fig.axes] == ["bbc_news", "rotten_tomatoes"]
+    assert [ax.get_title() for ax in fig.axes] == ["BBC News", "Rotten Tomatoes"]
     ax = fig.axes[0]
     assert ax.get_ylabel() == "Test accuracy"
     assert ticks(ax.get_xticklabels()) == ["Forward", "Reverse"]
