@@ -62,7 +62,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -71,6 +71,7 @@ import torch
 from tqdm.auto import tqdm
 
 from layergeo import data
+from layergeo.device import precision, step_settings
 from layergeo.errors import LayergeoError
 from layergeo.runs import now, write_json
 
@@ -126,15 +127,6 @@ def examples_digest(encoded: data.EncodedSplit) -> str:
         digest.update(lengths.tobytes())
         digest.update(flat.tobytes())
     return digest.hexdigest()
-
-
-def precision(device: torch.device) -> str:
-    """How the live teacher computes in ``train.fit``: bf16 autocast on CUDA, fp32 elsewhere."""
-    return "bf16-autocast" if device.type == "cuda" else "fp32"
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def ingredients(
@@ -337,7 +329,7 @@ def _run_teacher(
     loader = data.make_loader(encoded, tokenizer, batch_size, shuffle=False, seed=0)
     quiet = os.environ.get("CI") == "true" or not os.isatty(2)
     try:
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), step_settings(device).autocast(device):
             for batch in tqdm(loader, desc="teacher cache", disable=quiet, dynamic_ncols=True, leave=False):
                 idx = batch["index"].numpy()
                 first, last = int(idx[0]), int(idx[-1])

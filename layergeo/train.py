@@ -51,7 +51,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -89,6 +88,7 @@ from layergeo.models import (
     tiny_bert_config,
     width,
 )
+from layergeo.device import step_settings
 from layergeo.runs import RunDir, append_jsonl, atomic_dir, environment, now, read_jsonl, truncate_jsonl, write_config, write_json
 from layergeo.strategies import Mapper, build_mapper, forward_targets
 
@@ -280,7 +280,7 @@ class Loop:
 def _loader(loop: Loop, epoch: int):
     return data.make_loader(
         loop.train_data, loop.tokenizer, loop.optim.batch_size, shuffle=True, seed=loop.seed * 100_003 + epoch,
-        pin_memory=loop.device.type == "cuda",
+        pin_memory=step_settings(loop.device).pin_memory,
     )
 
 
@@ -297,12 +297,12 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     if total < 1:
         raise LayergeoError("the training budget is zero steps; raise train.epochs or train.max_steps")
     eval_every = optim.eval_every or steps_per_epoch
-    fused = {"fused": True} if loop.device.type == "cuda" else {}
+    settings = step_settings(loop.device)
     decay = [p for n, p in loop.module.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in loop.module.named_parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr, **fused,
+        lr=optim.lr, **settings.optimizer_kwargs,
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total), total)
     state = LoopState()
@@ -323,7 +323,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     model, optimizer, scheduler = acc.prepare(loop.module, optimizer, scheduler)
     step_losses = loop.step_losses_for(torch.compile(model) if optim.compile else model)
     dev_loader = acc.prepare_data_loader(loop.dev_loader, device_placement=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if loop.device.type == "cuda" else nullcontext()
+    autocast = settings.autocast(loop.device)
     sums: dict[str, torch.Tensor] = {}
     window = 0
     quiet = os.environ.get("CI") == "true" or not sys.stderr.isatty() or not main
