@@ -2,7 +2,8 @@
 
 Reads every finished run under a sweep folder (analyses/random_init_budget.yaml), groups the runs
 by their knob setting (loss normalisation, alpha_hidden, random-init lr and epochs, warm-up), scores
-each setting by the mean dev accuracy of its `none` and `forward` students (both must be present),
+each setting by the mean dev accuracy of its `forward` students and of the `none` students trained
+with the same lr, epochs and warm-up (both must be present),
 and prints the ranking and the winner as grid lines for the verdict recipe. Other strategies, if
 present, are ignored: the setting must not be chosen by the strategy gap it is meant to measure.
 
@@ -22,6 +23,8 @@ from layergeo.report import collect_results
 KNOBS = {"loss.normalize": ("loss", "normalize"), "loss.alpha_hidden": ("loss", "alpha_hidden"),
          "train.random_init_lr": ("train", "random_init_lr"), "train.random_init_epochs": ("train", "random_init_epochs"),
          "train.warmup_ratio": ("train", "warmup_ratio")}
+SHARED = ["train.random_init_lr", "train.random_init_epochs", "train.warmup_ratio"]  # change every student
+MATCHING = ["loss.normalize", "loss.alpha_hidden"]  # change only students with a hidden loss
 SELECTION_STRATEGIES = ("none", "forward")
 
 
@@ -30,13 +33,17 @@ def runs_table(root: Path) -> pd.DataFrame:
 
 
 def select(table: pd.DataFrame) -> pd.DataFrame:
-    """Settings ranked by the mean dev accuracy of their none and forward students (best first)."""
-    chosen = table[table.strategy.isin(SELECTION_STRATEGIES)]
-    knobs = list(KNOBS)
-    per_strategy = chosen.groupby(knobs + ["strategy"], dropna=False)["dev_accuracy"].mean().unstack("strategy")
-    per_strategy = per_strategy.dropna(subset=list(SELECTION_STRATEGIES))
-    per_strategy["score"] = per_strategy[list(SELECTION_STRATEGIES)].mean(axis=1)
-    return per_strategy.sort_values("score", ascending=False).reset_index()
+    """Settings ranked by the mean of their none and forward students' dev accuracy (best first).
+
+    A setting is a forward student's knobs; its none score is that of the none students with the
+    same shared knobs (lr, epochs, warm-up), whose hidden-loss knobs do not matter. Each score is a
+    mean over seeds. Students of any other strategy are never read.
+    """
+    none = table[table.strategy == "none"].groupby(SHARED, dropna=False)["dev_accuracy"].mean().rename("none")
+    forward = table[table.strategy == "forward"].groupby(SHARED + MATCHING, dropna=False)["dev_accuracy"].mean().rename("forward")
+    ranking = forward.reset_index().merge(none.reset_index(), on=SHARED, how="inner")
+    ranking["score"] = ranking[list(SELECTION_STRATEGIES)].mean(axis=1)
+    return ranking[MATCHING + SHARED + list(SELECTION_STRATEGIES) + ["score"]].sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,14 @@ A grid file::
       checkpoints: [init, best]
       max_examples: 200
 
+``grid`` may also be a list of such mappings: the runs are the union of their products, so
+axes that matter only for some runs are not crossed with the rest (e.g. loss options for the
+matching strategies, but not for ``none``)::
+
+    grid:
+      - {matching.strategy: [none], seed: [0, 1]}
+      - {matching.strategy: [forward], loss.normalize: [none, l2], seed: [0, 1]}
+
 One teacher is fine-tuned per task (and teacher model) under ``<sweep>/teachers/`` and
 shared by all its students. A finished run (``results.json``) is skipped; an
 interrupted one is resumed, so a killed sweep loses at most the run in progress.
@@ -47,7 +55,7 @@ class Grid:
     name: str
     preset: str | None
     base: dict[str, Any]
-    axes: dict[str, list[Any]]
+    blocks: list[dict[str, list[Any]]]  # each block: config key -> values; the grid is the union of their products
     geometry: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,13 +81,18 @@ def load_grid(path: str | Path) -> Grid:
     unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
         raise LayergeoError(f"unknown grid key {unknown[0]!r} in {path}; valid keys: {', '.join(sorted(GRID_KEYS))}")
-    axes = raw.get("grid") or {}
-    if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
-        raise LayergeoError(f"'grid' in {path} must map config keys to non-empty lists of values")
+    blocks = raw.get("grid") or {}
+    blocks = [blocks] if isinstance(blocks, dict) else blocks  # a mapping (empty: one run), or a list of non-empty ones
+    if not isinstance(blocks, list) or not blocks or any(
+        not isinstance(block, dict) or (len(blocks) > 1 and not block)
+        or any(not isinstance(v, list) or not v for v in block.values()) for block in blocks
+    ):
+        raise LayergeoError(f"'grid' in {path} must map config keys to non-empty lists of values "
+                            "(or be a list of such mappings, whose products are joined)")
     preset = raw.get("preset")
     if preset is not None and preset not in preset_names():
         raise LayergeoError(f"unknown preset {preset!r} in {path}; choose one of {', '.join(preset_names())}")
-    return Grid(str(raw.get("name") or path.stem), preset, raw.get("base") or {}, axes, raw.get("geometry") or {})
+    return Grid(str(raw.get("name") or path.stem), preset, raw.get("base") or {}, blocks, raw.get("geometry") or {})
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -107,8 +120,8 @@ def plan(grid: Grid, root: Path) -> tuple[dict[str, RunConfig], list[PlannedRun]
     base = _flatten(grid.base)
     teachers: dict[str, RunConfig] = {}
     runs = []
-    for values in itertools.product(*grid.axes.values()):
-        point = dict(zip(grid.axes, values))
+    points = [dict(zip(block, values)) for block in grid.blocks for values in itertools.product(*block.values())]
+    for point in points:
         overrides = base + [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                             for k, v in point.items()]
         config = load_config(preset=grid.preset, overrides=overrides)

@@ -121,3 +121,25 @@ def test_sweep_through_submitit_local_executor(tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == ["forward_seed0", "rail_seed0"]
     assert all((p / "results.json").is_file() for p in runs.iterdir())
     assert any((tmp_path / "s" / "tiny-grid" / "submitit").rglob("*_result.pkl"))
+
+
+def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
+    from layergeo.errors import LayergeoError
+    from layergeo.sweep import load_grid, plan
+
+    grid = tmp_path / "blocks.yaml"
+    grid.write_text(GRID.split("grid:")[0] + """grid:
+  - {matching.strategy: [none], seed: [0, 1]}
+  - {matching.strategy: [forward], loss.normalize: [none, l2], loss.alpha_hidden: [0.3, 3.0], seed: [0, 1]}
+""")
+    _, runs = plan(load_grid(grid), tmp_path / "out")
+    assert len(runs) == 2 + 2 * 2 * 2
+    by_name = {run.name: run.config for run in runs}
+    assert {n for n in by_name if n.startswith("none_")} == {"none_seed0", "none_seed1"}
+    forward = by_name["forward_l2_alpha_hidden0.3_seed1"]
+    assert (forward.matching.strategy, forward.loss.normalize, forward.loss.alpha_hidden, forward.seed) == ("forward", "l2", 0.3, 1)
+    assert by_name["none_seed0"].loss.normalize == "none"  # the preset's value: not crossed
+
+    grid.write_text(GRID.split("grid:")[0] + "grid:\n  - {seed: [0]}\n  - {}\n")
+    with pytest.raises(LayergeoError, match="non-empty lists"):
+        load_grid(grid)
