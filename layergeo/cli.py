@@ -49,7 +49,7 @@ EXAMPLES = {
     "figures": """examples:
   layergeo figures runs/classification                       # figures in runs/classification/figures/""",
     "reproduce": """examples:
-  layergeo reproduce                                         # embedded recipe: Rotten Tomatoes, 3 seeds
+  layergeo reproduce                                         # embedded recipe: Rotten Tomatoes, 2 seeds
   layergeo reproduce --full                                  # + BBC News: the committed results
   layergeo reproduce --out /tmp/repro --jobs 2""",
 }
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=EXAMPLES["reproduce"], formatter_class=fmt,
                                description="Run analyses/classification.yaml (or classification-full.yaml with --full) "
                                "then the report and the figures. Resumable: run it again after an interruption.")
-    reproduce.add_argument("--full", action="store_true", help="both embedded datasets (Rotten Tomatoes and BBC News)")
+    reproduce.add_argument("--full", action="store_true", help="3 seeds on both embedded datasets (Rotten Tomatoes and BBC News): the committed results")
     reproduce.add_argument("--out", default="runs", metavar="DIR", help="parent folder (default: runs)")
     reproduce.add_argument("--jobs", type=int, default=1)
     reproduce.add_argument("--devices")

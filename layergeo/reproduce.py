@@ -19,12 +19,12 @@ def reproduce(out: Path, full: bool = False, jobs: int = 1, devices: list[str] |
     grid_file = ANALYSES / ("classification-full.yaml" if full else "classification.yaml")
     if not grid_file.is_file():
         raise LayergeoError(f"{grid_file} is missing; run reproduce from a clone of the layergeo repository (pip install -e .)")
+    record = environment("reproduce", "cuda" if devices else "auto", 0)  # its "start" is now
     start = time.time()
     execute(grid_file, out, jobs=jobs, devices=devices)
     root = out / load_grid(grid_file).name
     write_report(root, paper=True)
     write_figures(root)
-    record = environment("reproduce", "cuda" if devices else "auto", 0)
     record.update({"grid": str(grid_file.relative_to(ANALYSES.parent)), "end": now(), "wall_time_s": round(time.time() - start, 1)})
     write_json(root / "reproduce.json", record)
     return root
