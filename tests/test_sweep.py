@@ -143,3 +143,19 @@ def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
     grid.write_text(GRID.split("grid:")[0] + "grid:\n  - {seed: [0]}\n  - {}\n")
     with pytest.raises(LayergeoError, match="non-empty lists"):
         load_grid(grid)
+
+
+def test_reproduce_runs_the_recipe_then_report_and_figures_and_times_it(tmp_path, monkeypatch):
+    import layergeo.reproduce as reproduce_module
+
+    analyses = tmp_path / "repo" / "analyses"
+    analyses.mkdir(parents=True)
+    (analyses / "classification.yaml").write_text(GRID.replace("reverse]", "reverse]\n  seed: [0]").replace("  seed: [0, 1, 2]\n", ""))
+    monkeypatch.setattr(reproduce_module, "ANALYSES", analyses)
+    assert main(["reproduce", "--out", str(tmp_path / "out")]) == 0
+    root = tmp_path / "out" / "tiny-grid"
+    assert len(list((root / "runs").glob("*/results.json"))) == 3
+    assert (root / "report" / "summary.csv").is_file() and any((root / "figures").glob("*.png"))
+    record = json.loads((root / "reproduce.json").read_text())
+    assert record["grid"] == "analyses/classification.yaml"
+    assert record["start"] < record["end"] and record["wall_time_s"] > 0
