@@ -6,8 +6,12 @@ each setting by the mean dev accuracy of its `forward` students and of the `none
 with the same lr, epochs and warm-up (both must be present),
 and prints the ranking and the winner as grid lines for the verdict recipe. Other strategies, if
 present, are ignored: the setting must not be chosen by the strategy gap it is meant to measure.
+With --out it also writes ranking.csv, selection.json (the winner, its scores and the dev
+majority-class rate they must beat) and loss_terms.png/.pdf (the loss terms and gradient norms
+of the none and forward students at the winner's lr, epochs and warm-up, one line per
+normalisation and alpha_hidden).
 
-    python analyses/select_budget.py runs/random-init-budget
+    python analyses/select_budget.py runs/random-init-budget [--out figures/random_init_budget]
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from layergeo import data, plots
+from layergeo.figures import loss_terms
 from layergeo.report import collect_results
+from layergeo.runs import write_json, write_text
 
 KNOBS = {"loss.normalize": ("loss", "normalize"), "loss.alpha_hidden": ("loss", "alpha_hidden"),
          "train.random_init_lr": ("train", "random_init_lr"), "train.random_init_epochs": ("train", "random_init_epochs"),
@@ -29,7 +36,52 @@ SELECTION_STRATEGIES = ("none", "forward")
 
 
 def runs_table(root: Path) -> pd.DataFrame:
-    return collect_results(root, KNOBS)
+    """Finished students with their knobs; an unset random-init lr or epochs is the train value it falls back to."""
+    table = collect_results(root, {**KNOBS, "data.max_eval": ("data", "max_eval"), "train.lr": ("train", "lr"),
+                                   "train.epochs": ("train", "epochs")})
+    for knob, fallback in (("train.random_init_lr", "train.lr"), ("train.random_init_epochs", "train.epochs")):
+        table[knob] = table[knob].fillna(table[fallback]).astype(float)
+    return table
+
+
+def majority_rate(table: pd.DataFrame) -> float:
+    """Dev accuracy (%) of always predicting each run's most common dev label, mean over (task, seed)."""
+    rates = []
+    for (task, seed, cap), _ in table.groupby(["task", "seed", "data.max_eval"], dropna=False):
+        labels = data.load_task(task, max_examples={"dev": None if pd.isna(cap) else int(cap)}, seed=int(seed)).splits["dev"]["label"]
+        rates.append(100 * labels.value_counts(normalize=True).max())
+    return sum(rates) / len(rates)
+
+
+def setting_curves(root: Path, table: pd.DataFrame, best: pd.Series) -> pd.DataFrame:
+    """Loss terms of the none and forward students at the winner's shared knobs; 'strategy' names the setting."""
+    same = (table[SHARED] == best[SHARED]).all(axis=1) & table.strategy.isin(SELECTION_STRATEGIES)
+    labels = {row.run: "none" if row.strategy == "none"
+              else f"forward, {row['loss.normalize']}, α={row['loss.alpha_hidden']:g}" for _, row in table[same].iterrows()}
+    terms = loss_terms(root)
+    terms = terms[terms.run.isin(labels)]
+    return terms.assign(strategy=terms.run.map(labels))[["strategy", "step", "term", "value"]]
+
+
+def _plain(value):
+    """A knob value as JSON writes it: numpy scalars unwrapped, whole floats (epochs) as int."""
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def write_selection(root: Path, table: pd.DataFrame, ranking: pd.DataFrame, out: Path) -> None:
+    best = ranking.iloc[0]
+    write_text(out / "ranking.csv", ranking.to_csv(index=False))
+    write_json(out / "selection.json", {
+        "sweep": str(root), "rule": "highest mean dev accuracy of the none and forward students (mean over seeds)",
+        "chosen": {knob: _plain(best[knob]) for knob in KNOBS},
+        "dev_accuracy": {"none": round(float(best["none"]), 2), "forward": round(float(best["forward"]), 2)},
+        "dev_majority_class_rate": round(majority_rate(table), 2),
+        "seeds": sorted(int(s) for s in table.seed.unique()), "students": int(len(table)),
+    })
+    title = (f"Random-init students, lr {best['train.random_init_lr']:g}, {best['train.random_init_epochs']:g} epochs "
+             "(mean over seeds)")
+    plots.save_figure(plots.loss_curves(setting_curves(root, table, best), title), out / "loss_terms")
 
 
 def select(table: pd.DataFrame) -> pd.DataFrame:
@@ -49,16 +101,22 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
+    parser.add_argument("--out", type=Path, help="also write ranking.csv, selection.json and loss_terms.png/.pdf here")
     args = parser.parse_args(argv)
-    ranking = select(runs_table(args.sweep))
+    table = runs_table(args.sweep)
+    ranking = select(table)
     if ranking.empty:
         print(f"no setting under {args.sweep} has both a none and a forward student", file=sys.stderr)
         return 2
-    print(ranking.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(ranking.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     best = ranking.iloc[0]
     print("\nchosen setting (put these in the verdict grid's base):")
     for knob in KNOBS:
-        print(f"  {knob}: {best[knob]}")
+        print(f"  {knob}: {_plain(best[knob])}")
+    print(f"dev majority-class rate: {majority_rate(table):.2f}")
+    if args.out:
+        write_selection(args.sweep, table, ranking, args.out)
+        print(f"wrote {args.out}/ranking.csv, selection.json, loss_terms.png/.pdf")
     return 0
 
 

@@ -43,7 +43,7 @@ def cosine_histograms_by_strategy(root: Path, tag: str) -> pd.DataFrame:
 
 
 def loss_terms(root: Path) -> pd.DataFrame:
-    """Logged loss terms of every run: strategy, init, task, seed, step, term, value."""
+    """Logged loss terms of every run: run, strategy, init, task, seed, step, term, value."""
     rows = []
     results = collect_results(root)
     for run in expand_runs([str(root)]):
@@ -53,7 +53,7 @@ def loss_terms(root: Path) -> pd.DataFrame:
                 continue
             for term in LOSS_TERMS:
                 if term in record:
-                    rows.append({"strategy": ident.strategy, "init": ident.init, "task": ident.task, "seed": ident.seed,
+                    rows.append({"run": run.name, "strategy": ident.strategy, "init": ident.init, "task": ident.task, "seed": ident.seed,
                                  "step": record["step"], "term": term, "value": record[term]})
     return pd.DataFrame(rows)
 
