@@ -48,6 +48,11 @@ EXAMPLES = {
   layergeo report runs/classification --paper                # with the paper's published numbers beside""",
     "figures": """examples:
   layergeo figures runs/classification                       # figures in runs/classification/figures/""",
+    "verdict": """examples:
+  layergeo verdict runs/classification                       # after report/figures: runs/classification/verdict/
+  layergeo verdict runs/classification --metric dev_accuracy
+  layergeo verdict --results figures/classification/tables/results_all.csv \\
+                   --acute figures/classification/plots/acute_summary.csv --out /tmp/verdict""",
     "reproduce": """examples:
   layergeo reproduce                                         # embedded recipe: Rotten Tomatoes, 2 seeds
   layergeo reproduce --full                                  # + BBC News: the committed results
@@ -151,10 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("runs_dir", metavar="RUNS_DIR")
     figures.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/figures")
 
-    reproduce = sub.add_parser("reproduce", help="the embedded recipe end to end: teacher, grid, geometry, report, figures",
+    verdict = sub.add_parser("verdict", help="the paper's three claims answered with intervals and tests",
+                             epilog=EXAMPLES["verdict"], formatter_class=fmt,
+                             description="(a) does every matching strategy beat none (paired differences, bootstrap "
+                             "95%% CI over seeds)? (b) is the spread between strategies more than seed noise "
+                             "(permutation test)? (c) how acute are the angles untrained vs trained, and does the "
+                             "trained fraction predict the metric (Spearman)? Reads a sweep after `layergeo figures`, "
+                             "or the two saved tables. Writes claim_a/b/c CSVs, verdict.md and verdict.png/.pdf.")
+    verdict.add_argument("runs_dir", metavar="RUNS_DIR", nargs="?", help="a sweep folder (with figures/acute_summary.csv)")
+    verdict.add_argument("--results", metavar="CSV", help="instead of RUNS_DIR: a saved report/results_all.csv ...")
+    verdict.add_argument("--acute", metavar="CSV", help="... and its figures/acute_summary.csv")
+    verdict.add_argument("--metric", default="test_accuracy", help="test_accuracy (default), dev_accuracy, test_macro_f1")
+    verdict.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/verdict (required with --results)")
+
+    reproduce = sub.add_parser("reproduce", help="the embedded recipe end to end: teacher, grid, geometry, report, figures, verdict",
                                epilog=EXAMPLES["reproduce"], formatter_class=fmt,
                                description="Run analyses/classification.yaml (or classification-full.yaml with --full) "
-                               "then the report and the figures. Resumable: run it again after an interruption.")
+                               "then the report, the figures and the verdict. Resumable: run it again after an interruption.")
     reproduce.add_argument("--full", action="store_true", help="3 seeds on both embedded datasets (Rotten Tomatoes and BBC News): the committed results")
     reproduce.add_argument("--out", default="runs", metavar="DIR", help="parent folder (default: runs)")
     reproduce.add_argument("--jobs", type=int, default=1)
@@ -203,11 +221,33 @@ def run_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_verdict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from layergeo.verdict import verdict_from_sweep, write_verdict
+
+    if args.runs_dir and not (args.results or args.acute):
+        out = verdict_from_sweep(Path(args.runs_dir), Path(args.out) if args.out else None, args.metric)
+    elif args.results and args.acute and args.out and not args.runs_dir:
+        tables = {}
+        for name in ("results", "acute"):
+            path = Path(getattr(args, name))
+            if not path.is_file():
+                raise LayergeoError(f"--{name} {path} does not exist; give the CSV written by layergeo report/figures")
+            tables[name] = pd.read_csv(path)
+        out = write_verdict(tables["results"], tables["acute"], Path(args.out), args.metric)
+    else:
+        raise LayergeoError("give either RUNS_DIR, or --results CSV --acute CSV --out DIR")
+    print((out / "verdict.md").read_text().split("\n## ")[0].strip())
+    print(f"tables and figure in {out}")
+    return 0
+
+
 def run_reproduce(args: argparse.Namespace) -> int:
     from layergeo.reproduce import reproduce
 
     out = reproduce(Path(args.out), full=args.full, jobs=args.jobs, devices=args.devices.split(",") if args.devices else None)
-    print(f"report and figures in {out}")
+    print(f"report, figures and verdict in {out}")
     return 0
 
 
@@ -298,7 +338,7 @@ def _quiet_libraries() -> None:
 
 COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping, "angles": run_angles,
             "geometry": run_angles, "sweep": run_sweep, "report": run_report, "figures": run_figures,
-            "reproduce": run_reproduce}
+            "verdict": run_verdict, "reproduce": run_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

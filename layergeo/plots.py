@@ -553,6 +553,62 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
     return fig
 
 
+@_themed
+def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFrame, trained: pd.DataFrame,
+                   metric: str) -> Figure:
+    """The three claims, one row per (task, init): (a) difference to None with its CI per strategy,
+    (b) the metric per strategy (seeds as dots) with the spread and its permutation p, (c) the
+    trained fraction of acute angles against the metric, one dot per student.
+
+    diffs: task, init, strategy, mean_diff, ci_low, ci_high; spreads: task, init, spread,
+    p_permutation; acute: task, init, spearman_rho, spearman_p; trained: task, init, strategy,
+    frac_acute, <metric> (one row per trained student).
+    """
+    _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
+    _require(trained, ["task", "init", "strategy", "frac_acute", metric], "verdict")
+    groups = [key for key, _ in diffs.groupby(["task", "init"])]
+    strategies = sort_strategies(trained["strategy"].unique())
+    colors = _colors(strategies, STRATEGY_PALETTE)
+    label = metric.replace("_", " ").capitalize() + " (%)"
+    width = 1.15 * _strip_width(len(strategies))
+    fig, axes = plt.subplots(len(groups), 3, figsize=(2 * width + 4.2, 3.3 * len(groups) + 0.6), squeeze=False,
+                             layout="constrained", gridspec_kw={"width_ratios": [width, width, 4.2]})
+    for row, (task, init) in zip(axes, groups):
+        name = f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}"
+        diff = diffs[(diffs.task == task) & (diffs.init == init)]
+        matching = [s for s in strategies if s in set(diff.strategy)]
+        for x, strategy in enumerate(matching):
+            d = diff[diff.strategy == strategy].iloc[0]
+            bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if np.isfinite(d.ci_low) else None
+            row[0].errorbar(x, d.mean_diff, yerr=bar, fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
+        row[0].axhline(0, ls="--", lw=1, color="0.5", zorder=0)
+        row[0].set_xticks(range(len(matching)))
+        row[0].set_xticklabels([textwrap.fill(strategy_label(s), 14, break_on_hyphens=False) for s in matching])
+        row[0].set_xlim(-0.5, len(matching) - 0.5)
+        row[0].set_ylabel("Difference to None (points)")
+        row[0].set_title(f"(a) {name}", loc="left")
+        sns.despine(ax=row[0])
+        runs = trained[(trained.task == task) & (trained.init == init)].assign(group="all")
+        _dot_panel(row[1], runs, metric, strategies, "group", ["all"], {"all": "0.25"}, spread="std")
+        spread = spreads[(spreads.task == task) & (spreads.init == init)]
+        note = f"spread {spread.spread.iloc[0]:.1f}, p = {spread.p_permutation.iloc[0]:.2f}" if len(spread) else ""
+        row[1].set_ylabel(label)
+        row[1].set_title(f"(b) {note}", loc="left")
+        for strategy in strategies:
+            points = runs[runs.strategy == strategy]
+            row[2].scatter(points.frac_acute, points[metric], s=22, color=colors[strategy], label=strategy_label(strategy))
+        corr = acute[(acute.task == task) & (acute.init == init)]
+        rho = corr.spearman_rho.iloc[0] if len(corr) else np.nan
+        row[2].set_title(f"(c) ρ = {rho:.2f}, p = {corr.spearman_p.iloc[0]:.2f}" if np.isfinite(rho) else "(c) ρ undefined",
+                         loc="left")
+        row[2].set_xlabel("Fraction of acute angles, trained")
+        row[2].set_ylabel(label)
+        sns.despine(ax=row[2])
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
+    fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
+    return fig
+
+
 # ---------------------------------------------------------------- saving
 
 

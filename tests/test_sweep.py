@@ -156,6 +156,8 @@ def test_reproduce_runs_the_recipe_then_report_and_figures_and_times_it(tmp_path
     root = tmp_path / "out" / "tiny-grid"
     assert len(list((root / "runs").glob("*/results.json"))) == 3
     assert (root / "report" / "summary.csv").is_file() and any((root / "figures").glob("*.png"))
+    assert (root / "verdict" / "verdict.md").is_file() and (root / "verdict" / "verdict.png").is_file()
+    assert set(pd.read_csv(root / "verdict" / "claim_a_beats_none.csv").strategy) == {"forward", "reverse"}
     record = json.loads((root / "reproduce.json").read_text())
     assert record["grid"] == "analyses/classification.yaml"
     assert record["start"] < record["end"] and record["wall_time_s"] > 0

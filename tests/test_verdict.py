@@ -1,0 +1,99 @@
+"""The verdict on the paper's claims: permutation test, paired answers and rank correlation against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from layergeo.cli import main
+from layergeo.errors import LayergeoError
+from layergeo.verdict import acute_vs_metric, beats_none, spread_permutation_p, spread_vs_noise, write_verdict
+
+
+def _brute_spread(values: np.ndarray, labels: np.ndarray) -> float:
+    means = [values[labels == label].mean() for label in sorted(set(labels))]
+    return max(means) - min(means)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spread_and_its_permutation_p_match_exact_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    labels = np.array(["a", "a", "b", "b", "c", "c", "c"])
+    values = rng.normal(size=len(labels)) + np.where(labels == "c", 1.0, 0.0)
+    observed = _brute_spread(values, labels)
+    exact = np.mean([_brute_spread(values, labels[list(order)]) >= observed - 1e-9
+                     for order in itertools.permutations(range(len(labels)))])
+    spread, p = spread_permutation_p(values, labels, permutations=20_000, seed=seed)
+    assert spread == pytest.approx(observed, abs=1e-12)
+    assert p == pytest.approx(exact, abs=0.015)
+
+
+def test_spread_of_identical_strategies_is_never_significant():
+    values = np.tile([60.0, 61.0, 62.0], 4)                      # every strategy has the same three seeds
+    labels = np.repeat(["forward", "reverse", "shuffle", "rail"], 3)
+    spread, p = spread_permutation_p(values, labels, permutations=2_000)
+    assert spread == 0 and p == 1
+
+
+def _results(diffs: dict[str, list[float]], base: list[float]) -> pd.DataFrame:
+    rows = [{"run": f"none{s}", "task": "t", "init": "copy", "strategy": "none", "seed": s, "test_accuracy": v}
+            for s, v in enumerate(base)]
+    for strategy, deltas in diffs.items():
+        rows += [{"run": f"{strategy}{s}", "task": "t", "init": "copy", "strategy": strategy, "seed": s,
+                  "test_accuracy": base[s] + d} for s, d in enumerate(deltas)]
+    frame = pd.DataFrame(rows)
+    for key, value in {"student_layers": 3, "hidden_size": "teacher", "normalize": "none", "alpha_hidden": 3.0}.items():
+        frame[key] = value
+    return frame
+
+
+def test_beats_none_answers_only_when_the_interval_excludes_zero():
+    base = [70.0, 72.0, 71.0, 69.0, 70.5]
+    results = _results({"forward": [4, 5, 6, 5, 4], "reverse": [-3, -4, -2, -3, -5], "rail": [1, -1, 2, -2, 0]}, base)
+    answers = beats_none(results, "test_accuracy").set_index("strategy")
+    assert answers.loc["forward", "answer"] == "better" and answers.loc["forward", "mean_diff"] == pytest.approx(4.8)
+    assert answers.loc["reverse", "answer"] == "worse"
+    assert answers.loc["rail", "answer"] == "not distinguishable"
+    with pytest.raises(LayergeoError, match="none"):
+        beats_none(results[results.strategy != "none"], "test_accuracy")
+
+
+def test_acute_fraction_means_and_spearman_match_a_brute_force_rank_correlation():
+    rng = np.random.default_rng(3)
+    results = _results({s: list(rng.normal(size=5)) for s in ("forward", "reverse", "shuffle")}, list(rng.normal(70, 2, size=5)))
+    acute = pd.concat([pd.DataFrame({"run": results.run, "checkpoint": "init", "frac_acute": rng.uniform(0.95, 1, len(results))}),
+                       pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": rng.uniform(0.8, 0.95, len(results))})])
+    row = acute_vs_metric(results, acute, "test_accuracy").iloc[0]
+    matching = results[results.strategy != "none"].merge(acute[acute.checkpoint == "best"], on="run")
+    x, y = matching.frac_acute.to_numpy(), matching.test_accuracy.to_numpy()
+    ranks = [np.argsort(np.argsort(v)).astype(float) for v in (x, y)]
+    assert row.spearman_rho == pytest.approx(np.corrcoef(*ranks)[0, 1], abs=1e-12)
+    assert row.n_students == 15
+    untrained = acute[(acute.checkpoint == "init") & acute.run.isin(matching.run)].frac_acute.mean()
+    assert row.acute_untrained == pytest.approx(untrained) and row.acute_trained == pytest.approx(x.mean())
+
+
+def test_verdict_files_and_cli_errors(tmp_path, capsys):
+    results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
+                          "frac_acute": np.linspace(0.8, 1.0, 18)})
+    results.to_csv(tmp_path / "results.csv", index=False)
+    acute.to_csv(tmp_path / "acute.csv", index=False)
+    assert main(["verdict", "--results", str(tmp_path / "results.csv"), "--acute", str(tmp_path / "acute.csv"),
+                 "--out", str(tmp_path / "v")]) == 0
+    assert "1 of 2 matching strategies beat none, 0 are worse" in capsys.readouterr().out  # forward +4..+6, reverse -1..+1
+    for name in ("claim_a_beats_none.csv", "claim_b_spread.csv", "claim_c_acute.csv", "verdict.md", "verdict.png", "verdict.pdf"):
+        assert (tmp_path / "v" / name).is_file()
+    spread = spread_vs_noise(results, "test_accuracy").iloc[0]
+    assert spread.spread == pytest.approx(5.0) and spread.best == "forward"
+    assert main(["verdict", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["verdict", "--results", str(tmp_path / "results.csv")]) == 2
+    assert main(["verdict", "--results", str(tmp_path / "results.csv"), "--acute", str(tmp_path / "acute.csv"),
+                 "--out", str(tmp_path / "w"), "--metric", "bleu"]) == 2
+    assert "no column 'bleu'" in capsys.readouterr().err
+    write_verdict(results, acute, tmp_path / "again")
+    assert (tmp_path / "again" / "claim_a_beats_none.csv").read_text() == (tmp_path / "v" / "claim_a_beats_none.csv").read_text()
