@@ -27,7 +27,8 @@ BOOTSTRAP_SAMPLES = 10_000
 
 
 def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | None = None) -> pd.DataFrame:
-    """One row per finished student run under ``root``: identity, setting and metrics (in %).
+    """One row per finished student run under ``root``: identity, setting and metrics (in %, with the
+    majority-class rate and the number of distinct predicted labels when the run recorded them).
 
     ``config_keys`` adds columns read from each run's config.yaml: {column: (section, key)}.
     """
@@ -56,9 +57,11 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
             **{column: config[section].get(key) for column, (section, key) in (config_keys or {}).items()},
         }
         for split in ("dev", "test"):
-            for metric in ("accuracy", "macro_f1"):
+            for metric in ("accuracy", "macro_f1", "majority_rate"):
                 if metric in results[split]:
                     row[f"{split}_{metric}"] = 100 * results[split][metric]
+            if "predicted_classes" in results[split]:
+                row[f"{split}_predicted_classes"] = results[split]["predicted_classes"]
         rows.append(row)
     if not rows:
         raise LayergeoError(f"no finished student runs under {root}; run a sweep first (layergeo sweep GRID.yaml)")

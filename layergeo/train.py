@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
@@ -210,7 +211,9 @@ def encode_splits(config: RunConfig, task: data.TaskData, tokenizer) -> dict[str
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int, accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Accuracy (and macro-F1 when there are more than two classes) of ``model`` on ``loader``.
+    """Accuracy (and macro-F1 when there are more than two classes) of ``model`` on ``loader``, with
+    the accuracy of always answering the most common label and the number of distinct predicted
+    labels (1 means the model collapsed to a single class).
 
     With an ``accelerator`` of several processes, ``loader`` is a prepared (sharded) loader and
     the predictions of all processes are gathered: every process returns the full-split metrics.
@@ -228,7 +231,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int, ac
         labels.append(label.cpu())
     model.train(was_training)
     y_pred, y_true = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
-    metrics = {"accuracy": float((y_pred == y_true).mean()), "n": int(len(y_true))}
+    metrics = {"accuracy": float((y_pred == y_true).mean()), "n": int(len(y_true)),
+               "majority_rate": float(np.bincount(y_true).max() / len(y_true)), "predicted_classes": int(len(np.unique(y_pred)))}
     if num_labels > 2:
         metrics["macro_f1"] = float(f1_score(y_true, y_pred, average="macro", labels=list(range(num_labels))))
     return metrics

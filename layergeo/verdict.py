@@ -99,7 +99,7 @@ def _name(task: str, init: str) -> str:
     return f"{plots.task_label(task)}, {plots.INIT_LABELS.get(init, init).lower()}"
 
 
-def sentences(a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) -> list[str]:
+def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) -> list[str]:
     """One plain paragraph per task and init, every number from the three tables."""
     lines = []
     for (task, init), diffs in a.groupby(GROUP):
@@ -109,6 +109,12 @@ def sentences(a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) ->
                 f"matching strategies beat none, {counts.get('worse', 0)} are worse, the rest are not distinguishable "
                 f"(best: {plots.strategy_label(best.strategy)} {best.mean_diff:+.1f} points, 95% CI "
                 f"{best.ci_low:+.1f} to {best.ci_high:+.1f}, {int(best.n_seeds)} seeds).")
+        split = metric.split("_")[0]
+        if f"{split}_predicted_classes" in results:
+            students = results[(results.task == task) & (results.init == init)]
+            collapsed = int((students[f"{split}_predicted_classes"] == 1).sum())
+            text += (f" {collapsed} of {len(students)} students predict a single class on {split} (majority-class "
+                     f"rate {students[f'{split}_majority_rate'].mean():.1f}%).")
         spread = b[(b.task == task) & (b.init == init)]
         if not spread.empty:
             s = spread.iloc[0]
@@ -139,7 +145,7 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     titles = ["(a) Paired difference to None, points, 95% bootstrap CI over seeds",
               "(b) Spread between matching strategies (max - min of means), permutation p-value",
               "(c) Fraction of acute angles at the student; Spearman of the trained fraction with the metric"]
-    text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", "\n\n".join(sentences(a, b, c, metric)), ""]
+    text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", "\n\n".join(sentences(results, a, b, c, metric)), ""]
     for title, table in zip(titles, claims.values()):
         text += [f"## {title}\n", table.to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
     write_text(out / "verdict.md", "\n".join(text) + "\n")

@@ -97,3 +97,32 @@ def test_verdict_files_and_cli_errors(tmp_path, capsys):
     assert "no column 'bleu'" in capsys.readouterr().err
     write_verdict(results, acute, tmp_path / "again")
     assert (tmp_path / "again" / "claim_a_beats_none.csv").read_text() == (tmp_path / "v" / "claim_a_beats_none.csv").read_text()
+
+
+def test_evaluation_records_the_majority_rate_and_collapsed_students():
+    import torch
+    from types import SimpleNamespace
+
+    from layergeo.train import evaluate
+
+    class Constant(torch.nn.Module):
+        """Always answers class 1 of 3."""
+
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=torch.tensor([0.0, 1.0, 0.0]).expand(len(input_ids), 3))
+
+    labels = torch.tensor([0, 1, 1, 2, 1, 0, 1])
+    loader = [{"input_ids": torch.ones(4, 2, dtype=torch.long), "attention_mask": torch.ones(4, 2), "labels": labels[:4]},
+              {"input_ids": torch.ones(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2), "labels": labels[4:]}]
+    metrics = evaluate(Constant(), loader, torch.device("cpu"), num_labels=3)
+    assert metrics["accuracy"] == pytest.approx(4 / 7) and metrics["majority_rate"] == pytest.approx(4 / 7)
+    assert metrics["predicted_classes"] == 1 and metrics["n"] == 7
+
+
+def test_the_verdict_says_how_many_students_collapsed_to_one_class(tmp_path):
+    results = _results({"forward": [4, 5, 6]}, [70.0, 71.0, 72.0])
+    results["test_predicted_classes"] = [2, 1, 2, 1, 1, 2]
+    results["test_majority_rate"] = 60.0
+    acute = pd.DataFrame({"run": list(results.run), "checkpoint": "best", "frac_acute": np.linspace(0.8, 1.0, 6)})
+    text = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text()
+    assert "3 of 6 students predict a single class on test (majority-class rate 60.0%)" in text
