@@ -130,9 +130,11 @@ def sort_strategies(names: Iterable[str]) -> list[str]:
 
 
 def _colors(levels: Sequence[Any], palette: Mapping[Any, str]) -> dict[Any, str]:
-    """Palette colour of each level; levels outside the palette take the spare colours in turn."""
+    """Palette colour of each level; levels outside the palette take the spare colours, or as many
+    evenly spaced hues when there are more of them than spare colours (never a repeated colour)."""
     unknown = [level for level in levels if level not in palette]
-    spare = dict(zip(unknown, [_EXTRA_COLORS[n % len(_EXTRA_COLORS)] for n in range(len(unknown))]))
+    extra = _EXTRA_COLORS if len(unknown) <= len(_EXTRA_COLORS) else sns.color_palette("husl", len(unknown)).as_hex()
+    spare = dict(zip(unknown, extra))
     return {level: palette.get(level, spare.get(level)) for level in levels}
 
 

@@ -299,3 +299,12 @@ def test_save_figure_writes_png_and_pdf_atomically(tmp_path):
     assert paths[1].read_bytes().startswith(b"%PDF")
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["angles.run1.pdf", "angles.run1.png"]
     assert not plt.fignum_exists(fig.number)
+
+
+def test_levels_outside_the_palette_never_share_a_colour():
+    from layergeo.plots import STRATEGY_PALETTE, _colors
+
+    for n in (2, 3, 7):
+        levels = ["none"] + [f"setting {i}" for i in range(n)]
+        colors = _colors(levels, STRATEGY_PALETTE)
+        assert colors["none"] == STRATEGY_PALETTE["none"] and len(set(colors.values())) == len(levels)

@@ -161,3 +161,9 @@ def test_reproduce_runs_the_recipe_then_report_and_figures_and_times_it(tmp_path
     record = json.loads((root / "reproduce.json").read_text())
     assert record["grid"] == "analyses/classification.yaml"
     assert record["start"] < record["end"] and record["wall_time_s"] > 0
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "analyses").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_a_valid_grid(recipe, tmp_path, capsys):
+    assert main(["sweep", str(recipe), "--out", str(tmp_path), "--dry-run"]) == 0
+    assert re.search(r"(\d+) runs, 0 finished", capsys.readouterr().out)
