@@ -25,7 +25,7 @@ from scipy import stats
 
 from layergeo import plots
 from layergeo.errors import LayergeoError
-from layergeo.report import collect_results, paired_differences
+from layergeo.report import collect_results, paired_differences, spread, summary_stats
 from layergeo.runs import write_text
 
 PERMUTATIONS = 10_000
@@ -62,15 +62,14 @@ def spread_permutation_p(values: np.ndarray, labels: np.ndarray, permutations: i
 
 
 def spread_vs_noise(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Claim (b): per task and init, the spread between matching strategies, seed std and permutation p."""
-    rows = []
-    for (task, init), group in results[results.strategy != "none"].dropna(subset=[metric]).groupby(GROUP):
-        means = group.groupby("strategy")[metric].mean()
-        spread, p = spread_permutation_p(group[metric].to_numpy(float), group["strategy"].to_numpy())
-        rows.append({"task": task, "init": init, "spread": spread, "best": means.idxmax(), "worst": means.idxmin(),
-                     "mean_seed_std": group.groupby("strategy")[metric].std().mean(), "p_permutation": p,
-                     "n_strategies": len(means), "n_students": len(group)})
-    return pd.DataFrame(rows)
+    """Claim (b): the report's spread table (per task and init) with the permutation p of each spread."""
+    table = spread(summary_stats(results, [metric])).drop(columns="metric")
+    table[["best", "worst"]] = table[["best", "worst"]].astype(str)
+    matching = results[results.strategy != "none"].dropna(subset=[metric])
+    p = {key: spread_permutation_p(group[metric].to_numpy(float), group["strategy"].to_numpy())[1]
+         for key, group in matching.groupby(GROUP)}
+    table["p_permutation"] = [p[key] for key in zip(table.task, table.init)]
+    return table
 
 
 def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> pd.DataFrame:
