@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from layergeo import data, plots
+from layergeo import plots
+from layergeo.errors import LayergeoError
 from layergeo.figures import loss_terms
 from layergeo.report import collect_results
 from layergeo.runs import write_json, write_text
@@ -37,20 +38,17 @@ SELECTION_STRATEGIES = ("none", "forward")
 
 def runs_table(root: Path) -> pd.DataFrame:
     """Finished students with their knobs; an unset random-init lr or epochs is the train value it falls back to."""
-    table = collect_results(root, {**KNOBS, "data.max_eval": ("data", "max_eval"), "train.lr": ("train", "lr"),
-                                   "train.epochs": ("train", "epochs")})
+    table = collect_results(root, {**KNOBS, "train.lr": ("train", "lr"), "train.epochs": ("train", "epochs")})
     for knob, fallback in (("train.random_init_lr", "train.lr"), ("train.random_init_epochs", "train.epochs")):
         table[knob] = table[knob].fillna(table[fallback]).astype(float)
     return table
 
 
 def majority_rate(table: pd.DataFrame) -> float:
-    """Dev accuracy (%) of always predicting each run's most common dev label, mean over (task, seed)."""
-    rates = []
-    for (task, seed, cap), _ in table.groupby(["task", "seed", "data.max_eval"], dropna=False):
-        labels = data.load_task(task, max_examples={"dev": None if pd.isna(cap) else int(cap)}, seed=int(seed)).splits["dev"]["label"]
-        rates.append(100 * labels.value_counts(normalize=True).max())
-    return sum(rates) / len(rates)
+    """Dev accuracy (%) of always predicting the most common dev label, as the runs recorded it, mean over (task, seed)."""
+    if "dev_majority_rate" not in table or table["dev_majority_rate"].isna().any():
+        raise LayergeoError("some runs do not record the dev majority-class rate (made before layergeo recorded it); rerun them")
+    return float(table.drop_duplicates(["task", "seed"])["dev_majority_rate"].mean())
 
 
 def setting_curves(root: Path, table: pd.DataFrame, best: pd.Series) -> pd.DataFrame:
@@ -98,26 +96,33 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
     return ranking[MATCHING + SHARED + list(SELECTION_STRATEGIES) + ["score"]].sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path)
-    parser.add_argument("--out", type=Path, help="also write ranking.csv, selection.json and loss_terms.png/.pdf here")
-    args = parser.parse_args(argv)
-    table = runs_table(args.sweep)
+def run(sweep: Path, out: Path | None) -> int:
+    table = runs_table(sweep)
     ranking = select(table)
     if ranking.empty:
-        print(f"no setting under {args.sweep} has both a none and a forward student", file=sys.stderr)
-        return 2
+        raise LayergeoError(f"no setting under {sweep} has both a none and a forward student")
     print(ranking.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     best = ranking.iloc[0]
     print("\nchosen setting (put these in the verdict grid's base):")
     for knob in KNOBS:
         print(f"  {knob}: {_plain(best[knob])}")
     print(f"dev majority-class rate: {majority_rate(table):.2f}")
-    if args.out:
-        write_selection(args.sweep, table, ranking, args.out)
-        print(f"wrote {args.out}/ranking.csv, selection.json, loss_terms.png/.pdf")
+    if out:
+        write_selection(sweep, table, ranking, out)
+        print(f"wrote {out}/ranking.csv, selection.json, loss_terms.png/.pdf")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--out", type=Path, help="also write ranking.csv, selection.json and loss_terms.png/.pdf here")
+    args = parser.parse_args(argv)
+    try:
+        return run(args.sweep, args.out)
+    except LayergeoError as exc:
+        print(f"select_budget: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

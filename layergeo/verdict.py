@@ -114,9 +114,9 @@ def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.Dat
             collapsed = int((students[f"{split}_predicted_classes"] == 1).sum())
             text += (f" {collapsed} of {len(students)} students predict a single class on {split} (majority-class "
                      f"rate {students[f'{split}_majority_rate'].mean():.1f}%).")
-        spread = b[(b.task == task) & (b.init == init)]
-        if not spread.empty:
-            s = spread.iloc[0]
+        spreads = b[(b.task == task) & (b.init == init)]
+        if not spreads.empty:
+            s = spreads.iloc[0]
             text += (f" Spread between strategies {s.spread:.1f} points ({plots.strategy_label(s.best)} best, "
                      f"{plots.strategy_label(s.worst)} worst) against a seed std of {s.mean_seed_std:.1f}; "
                      f"permutation p = {s.p_permutation:.2f}.")
