@@ -42,7 +42,8 @@ EXAMPLES = {
     "sweep": """examples:
   layergeo sweep analyses/classification.yaml --dry-run      # list the runs and what is finished
   layergeo sweep analyses/classification.yaml --out runs     # run (or resume) every run
-  layergeo sweep analyses/width.yaml --devices 0,1           # one run per GPU at a time""",
+  layergeo sweep analyses/width.yaml --devices 0,1           # one run per GPU at a time
+  layergeo sweep analyses/verdict.yaml --only data.task=bbc_news --only seed=0,1   # a slice first""",
     "report": """examples:
   layergeo report runs/classification                        # tables in runs/classification/report/
   layergeo report runs/classification --paper                # with the paper's published numbers beside""",
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                        help="submitit executor parameter, e.g. --slurm slurm_partition=gpu --slurm gpus_per_node=1 "
                             "--slurm timeout_min=120 (repeatable)")
+    sweep.add_argument("--only", action="append", default=[], metavar="AXIS=V1,V2",
+                       help="run only the grid points with these values of an axis (repeatable; blocks that do not "
+                            "cross the axis are left out). Run names stay those of the full grid, so a later full "
+                            "sweep skips what the slice finished")
 
     report = sub.add_parser("report", help="tables of a sweep: mean ± std, paired differences, spread",
                             epilog=EXAMPLES["report"], formatter_class=fmt,
@@ -180,9 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _grid_slice(items: list[str]) -> dict[str, list]:
+    """``["seed=0,1", "data.task=bbc_news"]`` -> ``{"seed": [0, 1], "data.task": ["bbc_news"]}`` (YAML values)."""
+    import yaml
+
+    only: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise LayergeoError(f"--only {item!r} must look like axis=value[,value...], e.g. --only seed=0,1")
+        only.setdefault(key, []).extend(yaml.safe_load(v) for v in values.split(","))
+    return only
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     from layergeo.sweep import execute
 
+    only = _grid_slice(args.only)
     devices = args.devices.split(",") if args.devices else None
     if args.launcher != "here" and not args.dry_run:
         import yaml
@@ -195,10 +214,10 @@ def run_sweep(args: argparse.Namespace) -> int:
             if not sep:
                 raise LayergeoError(f"--slurm {item!r} must look like key=value, e.g. slurm_partition=gpu")
             parameters[key] = yaml.safe_load(value)
-        runs = submit(args.grid, Path(args.out), launcher=args.launcher, slurm=parameters)
+        runs = submit(args.grid, Path(args.out), launcher=args.launcher, slurm=parameters, only=only)
         print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
         return 0
-    runs = execute(args.grid, Path(args.out), jobs=args.jobs, devices=devices, dry_run=args.dry_run)
+    runs = execute(args.grid, Path(args.out), jobs=args.jobs, devices=devices, dry_run=args.dry_run, only=only)
     if not args.dry_run:
         print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
     return 0

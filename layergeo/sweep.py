@@ -25,7 +25,9 @@ matching strategies, but not for ``none``)::
 
 One teacher is fine-tuned per task (and teacher model) under ``<sweep>/teachers/`` and
 shared by all its students. A finished run (``results.json``) is skipped; an
-interrupted one is resumed, so a killed sweep loses at most the run in progress.
+interrupted one is resumed, so a killed sweep loses at most the run in progress. ``only``
+restricts a sweep to a slice of its grid (e.g. one task, or seeds 0 and 1 of every strategy
+first); the slice's runs keep their names, so the full sweep later skips them.
 """
 
 from __future__ import annotations
@@ -95,6 +97,29 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(str(raw.get("name") or path.stem), preset, raw.get("base") or {}, blocks, raw.get("geometry") or {})
 
 
+def restrict(grid: Grid, only: dict[str, list[Any]]) -> Grid:
+    """The grid cut to the given values of some of its axes.
+
+    A block of the grid that does not cross a restricted axis is left out (its runs have no value on it).
+    """
+    axes = {key: values for block in grid.blocks for key, values in block.items()}
+    blocks = [dict(block) for block in grid.blocks]
+    for key, wanted in only.items():
+        if key not in axes:
+            raise LayergeoError(f"--only {key}: not an axis of grid {grid.name!r}; its axes are {', '.join(axes)}")
+        known = [v for block in grid.blocks for v in block.get(key, [])]
+        missing = [v for v in wanted if v not in known]
+        if missing:
+            raise LayergeoError(f"--only {key}={missing[0]}: not a value of that axis; "
+                                f"its values are {', '.join(map(str, dict.fromkeys(known)))}")
+        blocks = [{k: [v for v in vs if v in wanted] if k == key else vs for k, vs in block.items()}
+                  for block in blocks if key in block]
+    blocks = [block for block in blocks if all(block.values())]
+    if not blocks:
+        raise LayergeoError(f"--only leaves no run of grid {grid.name!r}: no block has all those values together")
+    return Grid(grid.name, grid.preset, grid.base, blocks, grid.geometry)
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
     items = []
     for key, value in tree.items():
@@ -144,9 +169,10 @@ def _train_command(kind: str, config_file: Path, out: Path, resume: bool) -> lis
     return command + (["--resume"] if resume else [])
 
 
-def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] | None = None, dry_run: bool = False) -> list[PlannedRun]:
-    """Run (or list) every run of the grid; returns the plan."""
-    grid = load_grid(grid_file)
+def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] | None = None, dry_run: bool = False,
+            only: dict[str, list[Any]] | None = None) -> list[PlannedRun]:
+    """Run (or list) every run of the grid, or of its slice ``only``; returns the plan."""
+    grid = restrict(load_grid(grid_file), only or {})
     root = out / grid.name
     teachers, runs = plan(grid, root)
     if dry_run:
@@ -175,7 +201,7 @@ def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] 
 
 
 def submit(grid_file: str | Path, out: Path, launcher: str = "slurm", slurm: dict[str, Any] | None = None,
-           wait: bool = True) -> list[PlannedRun]:
+           wait: bool = True, only: dict[str, list[Any]] | None = None) -> list[PlannedRun]:
     """Run the grid through ``submitit``: teachers first, then one array job over the unfinished runs.
 
     ``launcher`` is ``slurm`` (a cluster) or ``local`` (submitit's local executor, for testing).
@@ -186,7 +212,7 @@ def submit(grid_file: str | Path, out: Path, launcher: str = "slurm", slurm: dic
         import submitit
     except ImportError:
         raise LayergeoError("sweeps on a cluster need submitit: pip install submitit") from None
-    grid = load_grid(grid_file)
+    grid = restrict(load_grid(grid_file), only or {})
     root = out / grid.name
     teachers, runs = plan(grid, root)
     root.mkdir(parents=True, exist_ok=True)

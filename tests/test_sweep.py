@@ -125,7 +125,7 @@ def test_sweep_through_submitit_local_executor(tmp_path):
 
 def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
     from layergeo.errors import LayergeoError
-    from layergeo.sweep import load_grid, plan
+    from layergeo.sweep import load_grid, plan, restrict
 
     grid = tmp_path / "blocks.yaml"
     grid.write_text(GRID.split("grid:")[0] + """grid:
@@ -140,9 +140,36 @@ def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
     assert (forward.matching.strategy, forward.loss.normalize, forward.loss.alpha_hidden, forward.seed) == ("forward", "l2", 0.3, 1)
     assert by_name["none_seed0"].loss.normalize == "none"  # the preset's value: not crossed
 
+    _, cut = plan(restrict(load_grid(grid), {"loss.normalize": ["l2"], "seed": [1]}), tmp_path / "out")
+    assert sorted(run.name for run in cut) == ["forward_l2_alpha_hidden0.3_seed1", "forward_l2_alpha_hidden3.0_seed1"]
+    with pytest.raises(LayergeoError, match="leaves no run"):
+        restrict(load_grid(grid), {"loss.normalize": ["l2"], "matching.strategy": ["none"]})
+
     grid.write_text(GRID.split("grid:")[0] + "grid:\n  - {seed: [0]}\n  - {}\n")
     with pytest.raises(LayergeoError, match="non-empty lists"):
         load_grid(grid)
+
+
+def test_a_slice_of_the_grid_runs_first_and_the_full_sweep_skips_it(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    out = tmp_path / "out"
+    slice_args = ["--only", "seed=1", "--only", "matching.strategy=none,reverse"]
+    assert main(["sweep", str(grid), "--out", str(out), *slice_args]) == 0
+    runs = out / "tiny-grid" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["none_seed1", "reverse_seed1"]
+    capsys.readouterr()
+    assert main(["sweep", str(grid), "--out", str(out), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "[  done] none_seed1" in listing and "[  done] reverse_seed1" in listing and listing.count("[   new]") == 7
+
+    for bad, message in [("data.task=sst2", "not an axis of grid 'tiny-grid'; its axes are matching.strategy, seed"),
+                         ("seed=7", "seed=7: not a value of that axis; its values are 0, 1, 2"),
+                         ("seed", "must look like axis=value")]:
+        capsys.readouterr()
+        assert main(["sweep", str(grid), "--out", str(tmp_path / "bad"), "--only", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_reproduce_runs_the_recipe_then_report_and_figures_and_times_it(tmp_path, monkeypatch):
