@@ -5,7 +5,8 @@ seeds with the number of seeds. Paired differences against Forward and against
 None are taken seed by seed, with percentile bootstrap confidence intervals over
 seeds. The spread is max - min of the strategy means, matching strategies only.
 The paper's published numbers (shipped in ``resources/paper_results.csv``) are
-written beside ours, in their own table, never mixed into our means.
+written beside ours, in their own table, never mixed into our means. ``provenance.json``
+says how the numbers were made: machines, threads, versions, commits, commands and times.
 """
 
 from __future__ import annotations
@@ -165,6 +166,37 @@ def _write_table(frame: pd.DataFrame, stem: Path, float_format: str = "%.2f") ->
     write_text(stem.with_suffix(".tex"), frame.to_latex(index=False, float_format=lambda v: float_format % v, na_rep="--"))
 
 
+def _distinct(values) -> list:
+    return sorted(set(values))
+
+
+def provenance(root: str | Path) -> dict:
+    """How the finished runs under ``root`` were made, from their env.json files.
+
+    Counts and summed wall time per kind (teacher, student), the first start and last end
+    (the span a sweep took), and every distinct machine (device, threads, processes),
+    version set, git commit and command that occur among them.
+    """
+    envs = [json.loads(f.read_text()) for f in sorted(Path(root).rglob("env.json"))]
+    envs = [e for e in envs if "end" in e]
+    if not envs:
+        return {}
+    kinds = sorted({e["kind"] for e in envs})
+    return {
+        "runs": {k: sum(e["kind"] == k for e in envs) for k in kinds},
+        "wall_time_s": {k: round(sum(e["wall_time_s"] for e in envs if e["kind"] == k), 1) for k in kinds},
+        "first_start": min(e["start"] for e in envs),
+        "last_end": max(e["end"] for e in envs),
+        "span_s": round((pd.Timestamp(max(e["end"] for e in envs)) - pd.Timestamp(min(e["start"] for e in envs))).total_seconds()),
+        "machines": _distinct(f"{e['device']} ({e['device_name']}), {e['threads']} threads, {e['processes']} process(es), "
+                             f"{e['platform']}" for e in envs),
+        "versions": _distinct(" ".join(f"{k} {v}" for k, v in sorted({"python": e["python"], **e["versions"]}.items()))
+                             for e in envs),
+        "git_commits": _distinct(str(e.get("git_commit")) for e in envs),
+        "commands": _distinct(e["command"] for e in envs if e["kind"] == "teacher" or "--config" not in e["command"]),
+    }
+
+
 def write_report(root: str | Path, out: Path | None = None, paper: bool = False) -> Path:
     """Write every table as CSV, Markdown and LaTeX, plus ``report.md`` gathering them."""
     results = collect_results(root)
@@ -182,6 +214,7 @@ def write_report(root: str | Path, out: Path | None = None, paper: bool = False)
     if paper:
         tables["paper_table"] = paper_table()
     out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "provenance.json", json.dumps(provenance(root), indent=2) + "\n")
     for name, table in tables.items():
         if not table.empty:
             _write_table(table, out / name)

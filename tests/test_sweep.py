@@ -163,6 +163,14 @@ def test_a_slice_of_the_grid_runs_first_and_the_full_sweep_skips_it(tmp_path, ca
     listing = capsys.readouterr().out
     assert "[  done] none_seed1" in listing and "[  done] reverse_seed1" in listing and listing.count("[   new]") == 7
 
+    assert main(["report", str(out / "tiny-grid")]) == 0
+    record = json.loads((out / "tiny-grid" / "report" / "provenance.json").read_text())
+    walls = [json.loads(f.read_text())["wall_time_s"] for f in runs.glob("*/results.json")]
+    assert record["runs"] == {"student": 2, "teacher": 1}
+    assert record["wall_time_s"]["student"] == pytest.approx(sum(walls), abs=0.1)
+    assert record["first_start"] <= record["last_end"] and record["span_s"] >= 0
+    assert len(record["git_commits"]) == 1 and len(record["versions"]) == 1
+
     for bad, message in [("data.task=sst2", "not an axis of grid 'tiny-grid'; its axes are matching.strategy, seed"),
                          ("seed=7", "seed=7: not a value of that axis; its values are 0, 1, 2"),
                          ("seed", "must look like axis=value")]:
