@@ -96,6 +96,7 @@ def main_table(stats: pd.DataFrame) -> pd.DataFrame:
     index = [k for k in stats.columns if k in SETTING_KEYS] + ["init", "strategy"]
     table = stats.pivot_table(index=index, columns="column", values="cell", aggfunc="first", observed=True)
     table = table.reset_index()
+    table = table.astype(object).where(table.notna(), None)  # a cell without runs (a partial sweep): "–", not "nan"
     table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
     table["strategy"] = table["strategy"].map(strategy_label)
     return table.rename(columns={"init": "Init", "strategy": "Layer selection"})
@@ -155,6 +156,7 @@ def paper_table() -> pd.DataFrame:
     students = paper[paper.model == "student"]
     table = students.pivot_table(index=["setting", "init", "strategy"], columns="column", values="value", aggfunc="first")
     table = table.reset_index()
+    table = table.astype(object).where(table.notna(), None)  # a cell without runs (a partial sweep): "–", not "nan"
     table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
     table["strategy"] = table["strategy"].map(strategy_label)
     return table.rename(columns={"setting": "Paper setting", "init": "Init", "strategy": "Layer selection"})

@@ -94,6 +94,20 @@ def test_report_statistics_recomputed_from_results(tmp_path):
     assert "The paper's published numbers" in (root / "report" / "report.md").read_text()
 
 
+def test_main_table_of_a_partial_sweep_shows_a_dash_where_no_run_finished():
+    from layergeo.report import main_table, summary_stats
+
+    results = pd.DataFrame({"task": ["rotten_tomatoes"] * 3 + ["bbc_news"], "init": "copy",
+                            "strategy": ["none", "none", "forward", "none"], "seed": [0, 1, 0, 0],
+                            "test_accuracy": [70.0, 72.0, 75.0, 90.0], "student_layers": 3, "hidden_size": "teacher",
+                            "normalize": "none", "alpha_hidden": 3.0})
+    table = main_table(summary_stats(results, ["test_accuracy"]))
+    forward = table[table["Layer selection"] == "Forward"].iloc[0]
+    assert forward["Rotten Tomatoes test acc"] == "75.0 (1)" and forward["BBC News test acc"] is None
+    assert "nan" not in table.to_markdown(index=False, missingval="–")
+    assert table[table["Layer selection"] == "None"].iloc[0]["Rotten Tomatoes test acc"] == "71.0 ± 1.4 (2)"
+
+
 def test_shipped_paper_numbers_match_the_reference():
     table = paper_table().set_index(["Paper setting", "Init", "Layer selection"])
     glue = "BERT-base teacher, 3-layer students, GLUE test server"
