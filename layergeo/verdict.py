@@ -104,9 +104,9 @@ def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.Dat
     for (task, init), diffs in a.groupby(GROUP):
         counts = diffs["answer"].value_counts()
         best = diffs.loc[diffs.mean_diff.idxmax()]
-        text = (f"**{_name(task, init)}** ({metric.replace('_', ' ')}): {counts.get('better', 0)} of {len(diffs)} "
-                f"matching strategies beat none, {counts.get('worse', 0)} are worse, the rest are not distinguishable "
-                f"(best: {plots.strategy_label(best.strategy)} {best.mean_diff:+.1f} points, 95% CI "
+        text = (f"**{_name(task, init)}** ({metric.replace('_', ' ')}), {len(diffs)} matching strategies against none: "
+                f"better {counts.get('better', 0)}, worse {counts.get('worse', 0)}, not distinguishable "
+                f"{counts.get('not distinguishable', 0)} (best: {plots.strategy_label(best.strategy)} {best.mean_diff:+.1f} points, 95% CI "
                 f"{best.ci_low:+.1f} to {best.ci_high:+.1f}, {int(best.n_seeds)} seeds).")
         split = metric.split("_")[0]
         if f"{split}_predicted_classes" in results:

@@ -84,7 +84,7 @@ def test_verdict_files_and_cli_errors(tmp_path, capsys):
     acute.to_csv(tmp_path / "acute.csv", index=False)
     assert main(["verdict", "--results", str(tmp_path / "results.csv"), "--acute", str(tmp_path / "acute.csv"),
                  "--out", str(tmp_path / "v")]) == 0
-    assert "1 of 2 matching strategies beat none, 0 are worse" in capsys.readouterr().out  # forward +4..+6, reverse -1..+1
+    assert "2 matching strategies against none: better 1, worse 0, not distinguishable 1" in capsys.readouterr().out  # forward +4..+6, reverse -1..+1
     for name in ("claim_a_beats_none.csv", "claim_b_spread.csv", "claim_c_acute.csv", "verdict.md", "verdict.png", "verdict.pdf"):
         assert (tmp_path / "v" / name).is_file()
     spread = spread_vs_noise(results, "test_accuracy").iloc[0]
