@@ -156,7 +156,7 @@ def paper_table() -> pd.DataFrame:
     students = paper[paper.model == "student"]
     table = students.pivot_table(index=["setting", "init", "strategy"], columns="column", values="value", aggfunc="first")
     table = table.reset_index()
-    table = table.astype(object).where(table.notna(), None)  # a cell without runs (a partial sweep): "–", not "nan"
+    table = table.astype(object).where(table.notna(), None)  # a number the paper does not give: "–", not "nan"
     table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
     table["strategy"] = table["strategy"].map(strategy_label)
     return table.rename(columns={"setting": "Paper setting", "init": "Init", "strategy": "Layer selection"})

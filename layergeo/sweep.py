@@ -102,7 +102,7 @@ def restrict(grid: Grid, only: dict[str, list[Any]]) -> Grid:
 
     A block of the grid that does not cross a restricted axis is left out (its runs have no value on it).
     """
-    axes = {key: values for block in grid.blocks for key, values in block.items()}
+    axes = list(dict.fromkeys(key for block in grid.blocks for key in block))
     blocks = [dict(block) for block in grid.blocks]
     for key, wanted in only.items():
         if key not in axes:
