@@ -184,12 +184,13 @@ def provenance(root: str | Path) -> dict:
     if not envs:
         return {}
     kinds = sorted({e["kind"] for e in envs})
+    first_start, last_end = min(e["start"] for e in envs), max(e["end"] for e in envs)
     return {
         "runs": {k: sum(e["kind"] == k for e in envs) for k in kinds},
         "wall_time_s": {k: round(sum(e["wall_time_s"] for e in envs if e["kind"] == k), 1) for k in kinds},
-        "first_start": min(e["start"] for e in envs),
-        "last_end": max(e["end"] for e in envs),
-        "span_s": round((pd.Timestamp(max(e["end"] for e in envs)) - pd.Timestamp(min(e["start"] for e in envs))).total_seconds()),
+        "first_start": first_start,
+        "last_end": last_end,
+        "span_s": round((pd.Timestamp(last_end) - pd.Timestamp(first_start)).total_seconds()),
         "machines": _distinct(f"{e['device']} ({e['device_name']}), {e['threads']} threads, {e['processes']} process(es), "
                              f"{e['platform']}" for e in envs),
         "versions": _distinct(" ".join(f"{k} {v}" for k, v in sorted({"python": e["python"], **e["versions"]}.items()))
