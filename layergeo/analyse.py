@@ -90,6 +90,19 @@ def acute_fraction(angles: pd.DataFrame, pairs: list[tuple[int, int]] | None = N
     return float((chosen.frac_acute * chosen.n_tokens).sum() / chosen.n_tokens.sum())
 
 
+def mean_thales_ratio(angles: pd.DataFrame) -> float | None:
+    """Token-weighted mean over the rows of the mean Thales ratio |u_i + u_k| / |u_i - u_k|.
+
+    Per token it is |S - m| / (|T_i - T_k| / 2), m the midpoint of T_i and T_k: the student's
+    distance from the pair in units of half the pair's distance (> 1 exactly when the angle is
+    acute). Unlike the acute fraction it keeps ranking students once every angle is acute.
+    """
+    chosen = angles[(angles.n_tokens > 0) & angles.mean_thales_ratio.notna()]
+    if chosen.empty:
+        return None
+    return float((chosen.mean_thales_ratio * chosen.n_tokens).sum() / chosen.n_tokens.sum())
+
+
 class RunGeometry:
     """All accumulators for one (run, options) pass."""
 
@@ -181,6 +194,7 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         "frac_acute_matched": acute_fraction(angles, loaded.matched_pairs) if loaded.matched_pairs else None,
         "frac_acute_forward": acute_fraction(angles, loaded.forward_pairs),
         "frac_acute_matched_vs_forward": acute_fraction(angles, loaded.matched_pairs, forward_target) if loaded.matched_pairs else None,
+        "thales_ratio": mean_thales_ratio(angles),
         "matched_pairs": loaded.matched_pairs,
         "forward_pairs": loaded.forward_pairs,
         "n_degenerate": int(angles.n_degenerate.sum()),
@@ -190,6 +204,7 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             "frac_acute_matched": "angles at S_s having the teacher state S_s was matched to as one side",
             "frac_acute_forward": "the same for the teacher state forward matching would have used",
             "frac_acute_matched_vs_forward": "the angle at S_s between its matched and its forward target (where they differ)",
+            "thales_ratio": "token-weighted mean of |S - (T_i + T_k)/2| / (|T_i - T_k| / 2); > 1 exactly when the angle is acute",
         },
     }
     name = f"{loaded.run.path.name} ({plots.strategy_label(loaded.strategy)}, {options.checkpoint}, {options.space} space)"
@@ -262,6 +277,7 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
             ident = {k: summary[k] for k in ("run", "strategy", "init", "seed", "checkpoint", "task")}
             frames.append(angles.assign(**ident))
             summaries.append({**ident, **{k: summary[k] for k in summary if k.startswith("frac_acute")},
+                              "thales_ratio": mean_thales_ratio(angles),
                               "n_tokens": summary["n_tokens"], "dev_accuracy": summary["dev_accuracy"]})
     if not frames:
         raise LayergeoError("none of the runs could be analysed")

@@ -560,21 +560,25 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
                    metric: str) -> Figure:
     """The three claims, one row per (task, init): (a) difference to None with its CI per strategy,
     (b) the metric per strategy (seeds as dots) with the spread and its permutation p, (c) the
-    trained fraction of acute angles against the metric, one dot per student.
+    trained fraction of acute angles (and the trained Thales ratio, when given) against the metric,
+    one dot per student.
 
     diffs: task, init, strategy, mean_diff, ci_low, ci_high; spreads: task, init, spread,
-    p_permutation; acute: task, init, spearman_rho, spearman_p; trained: task, init, strategy,
-    frac_acute, <metric> (one row per trained student).
+    p_permutation; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_...];
+    trained: task, init, strategy, frac_acute [, thales_ratio], <metric> (one row per trained student).
     """
     _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
     _require(trained, ["task", "init", "strategy", "frac_acute", metric], "verdict")
+    geometry = [(column, prefix, xlabel) for column, prefix, xlabel in
+                (("frac_acute", "acute", "Fraction of acute angles, trained"), ("thales_ratio", "ratio", "Thales ratio, trained"))
+                if column in trained]
     groups = [key for key, _ in diffs.groupby(["task", "init"])]
     strategies = sort_strategies(trained["strategy"].unique())
     colors = _colors(strategies, STRATEGY_PALETTE)
     label = metric.replace("_", " ").capitalize() + " (%)"
     width = 1.15 * _strip_width(len(strategies))
-    fig, axes = plt.subplots(len(groups), 3, figsize=(2 * width + 4.2, 3.3 * len(groups) + 0.6), squeeze=False,
-                             layout="constrained", gridspec_kw={"width_ratios": [width, width, 4.2]})
+    fig, axes = plt.subplots(len(groups), 2 + len(geometry), figsize=(2 * width + 4.2 * len(geometry), 3.3 * len(groups) + 0.6),
+                             squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [width, width] + [4.2] * len(geometry)})
     for row, (task, init) in zip(axes, groups):
         name = f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}"
         diff = diffs[(diffs.task == task) & (diffs.init == init)]
@@ -596,16 +600,17 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         note = f"spread {spread.spread.iloc[0]:.1f}, p = {spread.p_permutation.iloc[0]:.2f}" if len(spread) else ""
         row[1].set_ylabel(label)
         row[1].set_title(f"(b) {note}", loc="left")
-        for strategy in strategies:
-            points = runs[runs.strategy == strategy]
-            row[2].scatter(points.frac_acute, points[metric], s=22, color=colors[strategy], label=strategy_label(strategy))
         corr = acute[(acute.task == task) & (acute.init == init)]
-        rho = corr.spearman_rho.iloc[0] if len(corr) else np.nan
-        row[2].set_title(f"(c) ρ = {rho:.2f}, p = {corr.spearman_p.iloc[0]:.2f}" if np.isfinite(rho) else "(c) ρ undefined",
+        for ax, (column, prefix, xlabel) in zip(row[2:], geometry):
+            for strategy in strategies:
+                points = runs[runs.strategy == strategy]
+                ax.scatter(points[column], points[metric], s=22, color=colors[strategy], label=strategy_label(strategy))
+            rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
+            ax.set_title(f"(c) ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g}" if np.isfinite(rho) else "(c) ρ undefined",
                          loc="left")
-        row[2].set_xlabel("Fraction of acute angles, trained")
-        row[2].set_ylabel(label)
-        sns.despine(ax=row[2])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            sns.despine(ax=ax)
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
     fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
     return fig

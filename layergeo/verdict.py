@@ -8,11 +8,13 @@
     among the matching students of one task and init) whose spread is at least as large.
 (c) How acute are the angles at the student, untrained vs trained, and does the trained fraction
     predict accuracy? Mean fraction of acute angles per checkpoint, and the Spearman rank
-    correlation (scipy) between the trained fraction and the metric across matching students.
+    correlation (scipy) between the trained fraction and the metric across matching students; the
+    same for the Thales ratio (the student's distance from two teacher states in units of half
+    their distance), which still ranks students when every angle is acute.
 
 Inputs are two tidy tables: the runs (``report/results_all.csv``: run, task, init, strategy,
 seed, metrics in %) and the acute-angle summary (``figures/acute_summary.csv``: run,
-checkpoint, frac_acute, one row per run and checkpoint).
+checkpoint, frac_acute [, thales_ratio], one row per run and checkpoint).
 """
 
 from __future__ import annotations
@@ -72,22 +74,32 @@ def spread_vs_noise(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table
 
 
+GEOMETRY = {"frac_acute": "acute", "thales_ratio": "ratio"}  # acute-table column -> claim (c) column prefix
+
+
 def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Claim (c): per task and init, mean acute fraction untrained and trained, and Spearman(trained, metric)."""
+    """Claim (c): per task and init, the mean acute fraction (and Thales ratio, when the table has it)
+    untrained and trained, and the Spearman correlation of each trained value with the metric."""
     missing = {"run", "checkpoint", "frac_acute"} - set(acute.columns)
     if missing:
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
-    fractions = acute.pivot_table(index="run", columns="checkpoint", values="frac_acute", aggfunc="first")
-    fractions = fractions.rename(columns={"init": "untrained", "best": "trained"}).reindex(columns=["untrained", "trained"])
-    table = results.merge(fractions, left_on="run", right_index=True, how="inner")
+    table = results
+    measures = {column: prefix for column, prefix in GEOMETRY.items() if column in acute}
+    for column, prefix in measures.items():
+        values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
+        values = values.rename(columns={"init": f"{prefix}_untrained", "best": f"{prefix}_trained"})
+        values = values.reindex(columns=[f"{prefix}_untrained", f"{prefix}_trained"])
+        table = table.merge(values, left_on="run", right_index=True, how="inner")
     rows = []
     for (task, init), group in table[table.strategy != "none"].groupby(GROUP):
-        trained = group.dropna(subset=["trained", metric])
-        varies = len(trained) > 2 and trained["trained"].nunique() > 1 and trained[metric].nunique() > 1
-        rho, p = stats.spearmanr(trained["trained"], trained[metric]) if varies else (np.nan, np.nan)
-        rows.append({"task": task, "init": init, "acute_untrained": group["untrained"].mean(),
-                     "acute_trained": group["trained"].mean(), "spearman_rho": float(rho), "spearman_p": float(p),
-                     "n_students": len(trained)})
+        row = {"task": task, "init": init}
+        for prefix in measures.values():
+            trained = group.dropna(subset=[f"{prefix}_trained", metric])
+            varies = len(trained) > 2 and trained[f"{prefix}_trained"].nunique() > 1 and trained[metric].nunique() > 1
+            rho, p = stats.spearmanr(trained[f"{prefix}_trained"], trained[metric]) if varies else (np.nan, np.nan)
+            row |= {f"{prefix}_untrained": group[f"{prefix}_untrained"].mean(), f"{prefix}_trained": group[f"{prefix}_trained"].mean(),
+                    f"{prefix}_spearman_rho": float(rho), f"{prefix}_spearman_p": float(p)}
+        rows.append(row | {"n_students": len(group.dropna(subset=["acute_trained", metric]))})
     if not rows:
         raise LayergeoError("no run of the acute-angle table matches a finished matching student; "
                             "were they made from the same sweep?")
@@ -96,6 +108,11 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
 
 def _name(task: str, init: str) -> str:
     return f"{plots.task_label(task)}, {plots.INIT_LABELS.get(init, init).lower()}"
+
+
+def _rank_correlation(row: pd.Series, prefix: str, name: str) -> str:
+    rho, p = row[f"{prefix}_spearman_rho"], row[f"{prefix}_spearman_p"]
+    return f"{name} ρ = {rho:.2f} (p = {p:.2g})" if np.isfinite(rho) else f"{name} undefined (constant)"
 
 
 def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) -> list[str]:
@@ -124,9 +141,11 @@ def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.Dat
         if not angle.empty:
             g = angle.iloc[0]
             text += f" Acute angles: {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
-            text += (f"; Spearman between the trained fraction and {metric.replace('_', ' ')}: "
-                     f"ρ = {g.spearman_rho:.2f} (p = {g.spearman_p:.2f}, {g.n_students} students)."
-                     if np.isfinite(g.spearman_rho) else "; no rank correlation (accuracy or fraction constant).")
+            if "ratio_trained" in g:
+                text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
+            text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
+            text += "; ".join(_rank_correlation(g, prefix, name) for prefix, name in
+                              (("acute", "trained acute fraction"), ("ratio", "trained Thales ratio")) if f"{prefix}_spearman_rho" in g) + "."
         lines.append(text)
     return lines
 
@@ -143,12 +162,12 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     a, b, c = claims.values()
     titles = ["(a) Paired difference to None, points, 95% bootstrap CI over seeds",
               "(b) Spread between matching strategies (max - min of means), permutation p-value",
-              "(c) Fraction of acute angles at the student; Spearman of the trained fraction with the metric"]
+              "(c) Fraction of acute angles and Thales ratio at the student; Spearman of each trained value with the metric"]
     text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", "\n\n".join(sentences(results, a, b, c, metric)), ""]
     for title, table in zip(titles, claims.values()):
         text += [f"## {title}\n", table.to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
     write_text(out / "verdict.md", "\n".join(text) + "\n")
-    trained = results.merge(acute[acute.checkpoint == "best"][["run", "frac_acute"]], on="run")
+    trained = results.merge(acute[acute.checkpoint == "best"][["run"] + [c for c in GEOMETRY if c in acute]], on="run")
     plots.save_figure(plots.verdict_panels(a, b, c, trained, metric), out / "verdict")
     return out
 

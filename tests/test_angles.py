@@ -57,6 +57,7 @@ def brute_force(run: Path, texts: list[str], checkpoint: str, space: str) -> pd.
     projection_file = student_dir / "projections.safetensors"
     projections = {int(k): v.double().numpy() for k, v in load_file(projection_file).items()} if projection_file.exists() else {}
     cosines: dict[tuple[int, int, int], list[float]] = {}
+    thales: dict[tuple[int, int, int], list[float]] = {}
     for text in texts:
         inputs = tokenizer(text, return_tensors="pt")
         with torch.no_grad():
@@ -71,13 +72,16 @@ def brute_force(run: Path, texts: list[str], checkpoint: str, space: str) -> pd.
                         u_i, u_k = w.T @ u_i, w.T @ u_k
                     norms = np.linalg.norm(u_i) * np.linalg.norm(u_k)
                     cosines.setdefault((l, i, k), []).append(u_i @ u_k / norms if norms > 0 else np.nan)
+                    if norms > 0:  # |S - midpoint| over half the pair's distance
+                        thales.setdefault((l, i, k), []).append(np.linalg.norm(u_i + u_k) / np.linalg.norm(u_i - u_k))
     rows = []
     for (l, i, k), values in sorted(cosines.items()):
         c = np.array(values)
         valid = c[~np.isnan(c)]
         rows.append({"student_layer": l, "teacher_i": i, "teacher_k": k, "n_tokens": len(valid),
                      "n_degenerate": int(np.isnan(c).sum()), "mean_cos": valid.mean() if len(valid) else np.nan,
-                     "frac_acute": (valid > 0).mean() if len(valid) else np.nan})
+                     "frac_acute": (valid > 0).mean() if len(valid) else np.nan,
+                     "thales": np.mean(thales[(l, i, k)]) if len(valid) else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -106,6 +110,8 @@ def test_angles_equal_a_from_scratch_recomputation(runs, tmp_path, name, checkpo
     assert summary["n_examples"] == len(SENTENCES) and summary["n_tokens"] == tokens
     acute = (expected.frac_acute * expected.n_tokens).sum() / expected.n_tokens.sum()
     assert summary["frac_acute"] == pytest.approx(acute, abs=1e-9)
+    ratio = (expected.thales * expected.n_tokens).sum() / expected.n_tokens.sum()
+    assert summary["thales_ratio"] == pytest.approx(ratio, rel=1e-5)
     for stem in ("angles_frac_acute", "angles_mean_deg", "angle_hist"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
 
@@ -146,6 +152,10 @@ def test_compare_runs_writes_a_tidy_table(runs, tmp_path):
     assert {"run", "strategy", "init", "checkpoint"} <= set(tidy.columns)
     assert set(tidy.run) == {"forward", "reverse", "narrow"} and set(tidy.checkpoint) == {"init", "best"}
     assert set(tidy.strategy) == {"forward", "reverse"}
+    summary = pd.read_csv(out / "acute_summary.csv")
+    for (run, checkpoint), cells in tidy[tidy.n_tokens > 0].groupby(["run", "checkpoint"]):
+        row = summary[(summary.run == run) & (summary.checkpoint == checkpoint)].iloc[0]
+        assert row.thales_ratio == pytest.approx(np.average(cells.mean_thales_ratio, weights=cells.n_tokens), rel=1e-9)
     assert (out / "angles_by_strategy.png").is_file() and (out / "acute_fraction_by_strategy.pdf").is_file()
 
 

@@ -61,30 +61,44 @@ def test_beats_none_answers_only_when_the_interval_excludes_zero():
         beats_none(results[results.strategy != "none"], "test_accuracy")
 
 
-def test_acute_fraction_means_and_spearman_match_a_brute_force_rank_correlation():
+@pytest.mark.parametrize("column, prefix", [("frac_acute", "acute"), ("thales_ratio", "ratio")])
+def test_geometry_means_and_spearman_match_a_brute_force_rank_correlation(column, prefix):
     rng = np.random.default_rng(3)
     results = _results({s: list(rng.normal(size=5)) for s in ("forward", "reverse", "shuffle")}, list(rng.normal(70, 2, size=5)))
-    acute = pd.concat([pd.DataFrame({"run": results.run, "checkpoint": "init", "frac_acute": rng.uniform(0.95, 1, len(results))}),
-                       pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": rng.uniform(0.8, 0.95, len(results))})])
+    n = len(results)
+    acute = pd.concat([pd.DataFrame({"run": results.run, "checkpoint": "init", "frac_acute": rng.uniform(0.95, 1, n),
+                                     "thales_ratio": rng.uniform(3, 6, n)}),
+                       pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": rng.uniform(0.8, 0.95, n),
+                                     "thales_ratio": rng.uniform(1, 3, n)})])
     row = acute_vs_metric(results, acute, "test_accuracy").iloc[0]
     matching = results[results.strategy != "none"].merge(acute[acute.checkpoint == "best"], on="run")
-    x, y = matching.frac_acute.to_numpy(), matching.test_accuracy.to_numpy()
+    x, y = matching[column].to_numpy(), matching.test_accuracy.to_numpy()
     ranks = [np.argsort(np.argsort(v)).astype(float) for v in (x, y)]
-    assert row.spearman_rho == pytest.approx(np.corrcoef(*ranks)[0, 1], abs=1e-12)
+    assert row[f"{prefix}_spearman_rho"] == pytest.approx(np.corrcoef(*ranks)[0, 1], abs=1e-12)
     assert row.n_students == 15
-    untrained = acute[(acute.checkpoint == "init") & acute.run.isin(matching.run)].frac_acute.mean()
-    assert row.acute_untrained == pytest.approx(untrained) and row.acute_trained == pytest.approx(x.mean())
+    untrained = acute[(acute.checkpoint == "init") & acute.run.isin(matching.run)][column].mean()
+    assert row[f"{prefix}_untrained"] == pytest.approx(untrained) and row[f"{prefix}_trained"] == pytest.approx(x.mean())
+
+
+def test_an_acute_table_without_the_thales_ratio_still_gives_claim_c():
+    results = _results({"forward": [1, 2, 3], "reverse": [0, 1, -1]}, [70.0, 71.0, 72.0])
+    acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
+                          "frac_acute": np.linspace(0.8, 1.0, 18)})
+    c = acute_vs_metric(results, acute, "test_accuracy")
+    assert "acute_spearman_rho" in c and not any(name.startswith("ratio_") for name in c)
 
 
 def test_verdict_files_and_cli_errors(tmp_path, capsys):
     results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
     acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
-                          "frac_acute": np.linspace(0.8, 1.0, 18)})
+                          "frac_acute": np.linspace(0.8, 1.0, 18), "thales_ratio": np.linspace(4.0, 1.0, 18)})
     results.to_csv(tmp_path / "results.csv", index=False)
     acute.to_csv(tmp_path / "acute.csv", index=False)
     assert main(["verdict", "--results", str(tmp_path / "results.csv"), "--acute", str(tmp_path / "acute.csv"),
                  "--out", str(tmp_path / "v")]) == 0
-    assert "2 matching strategies against none: better 1, worse 0, not distinguishable 1" in capsys.readouterr().out  # forward +4..+6, reverse -1..+1
+    printed = capsys.readouterr().out
+    assert "2 matching strategies against none: better 1, worse 0, not distinguishable 1" in printed  # forward +4..+6, reverse -1..+1
+    assert "Thales ratio 3.03 untrained, 1.44 trained" in printed  # linspace(4, 1, 18): rows 3-8 (init) and 12-17 (best) are matching
     for name in ("claim_a_beats_none.csv", "claim_b_spread.csv", "claim_c_acute.csv", "verdict.md", "verdict.png", "verdict.pdf"):
         assert (tmp_path / "v" / name).is_file()
     spread = spread_vs_noise(results, "test_accuracy").iloc[0]
