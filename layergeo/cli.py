@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="(a) does every matching strategy beat none (paired differences, bootstrap "
                              "95%% CI over seeds)? (b) is the spread between strategies more than seed noise "
                              "(permutation test)? (c) how acute are the angles untrained vs trained, and does the "
-                             "trained fraction predict the metric (Spearman)? Reads a sweep after `layergeo figures`, "
+                             "trained fraction, or the trained Thales ratio (distance from a teacher pair's midpoint "
+                             "over half the pair's distance), predict the metric (Spearman)? Reads a sweep after `layergeo figures`, "
                              "or the two saved tables. Writes claim_a/b/c CSVs, verdict.md and verdict.png/.pdf.")
     verdict.add_argument("runs_dir", metavar="RUNS_DIR", nargs="?", help="a sweep folder (with figures/acute_summary.csv)")
     verdict.add_argument("--results", metavar="CSV", help="instead of RUNS_DIR: a saved report/results_all.csv ...")
@@ -187,14 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _grid_slice(items: list[str]) -> dict[str, list]:
     """``["seed=0,1", "data.task=bbc_news"]`` -> ``{"seed": [0, 1], "data.task": ["bbc_news"]}`` (YAML values)."""
-    import yaml
+    from layergeo.config import command_line_value, split_key_value
 
     only: dict[str, list] = {}
     for item in items:
-        key, sep, values = item.partition("=")
-        if not sep or not key or not values:
-            raise LayergeoError(f"--only {item!r} must look like axis=value[,value...], e.g. --only seed=0,1")
-        only.setdefault(key, []).extend(yaml.safe_load(v) for v in values.split(","))
+        key, values = split_key_value(item, "--only", "axis=value[,value...], e.g. --only seed=0,1")
+        only.setdefault(key, []).extend(command_line_value(v, item, "--only") for v in values.split(","))
     return only
 
 
@@ -204,16 +203,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     only = _grid_slice(args.only)
     devices = args.devices.split(",") if args.devices else None
     if args.launcher != "here" and not args.dry_run:
-        import yaml
-
+        from layergeo.config import command_line_value, split_key_value
         from layergeo.sweep import submit
 
         parameters = {}
         for item in args.slurm:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise LayergeoError(f"--slurm {item!r} must look like key=value, e.g. slurm_partition=gpu")
-            parameters[key] = yaml.safe_load(value)
+            key, value = split_key_value(item, "--slurm", "key=value, e.g. slurm_partition=gpu")
+            parameters[key] = command_line_value(value, item, "--slurm")
         runs = submit(args.grid, Path(args.out), launcher=args.launcher, slurm=parameters, only=only)
         print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
         return 0
@@ -288,7 +284,7 @@ def run_angles(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out or "angles-comparison")
     table = compare_runs(args.runs, options, checkpoints, out)
-    print(table[["run", "strategy", "init", "checkpoint", "frac_acute"]].to_string(index=False))
+    print(table[["run", "strategy", "init", "checkpoint", "frac_acute", "thales_ratio"]].to_string(index=False))
     print(f"tidy table and figures in {out}")
     return 0
 

@@ -111,8 +111,25 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str):
+def parse_yaml(text: str) -> Any:
+    """YAML as configs and grids read it (``1:9`` stays a string); raises yaml.YAMLError."""
     return yaml.load(text, Loader=_Loader)
+
+
+def split_key_value(item: str, flag: str, example: str) -> tuple[str, str]:
+    """``"student.layers=3"`` -> ``("student.layers", "3")``, or one line saying what ``flag`` expects."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise LayergeoError(f"{flag} {item!r} must look like {example}")
+    return key.strip(), value
+
+
+def command_line_value(text: str, item: str, flag: str) -> Any:
+    """A value typed on the command line, read as YAML (3 -> int, [1, 2] -> list, null -> None)."""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise LayergeoError(f"{flag} {item!r} has a value that is not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def preset_names() -> list[str]:
@@ -125,27 +142,21 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
     if preset is not None:
         if preset not in preset_names():
             raise LayergeoError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
-        raw = _deep_merge(raw, _yaml(resources.files("layergeo.presets").joinpath(f"{preset}.yaml").read_text()))
+        raw = _deep_merge(raw, parse_yaml(resources.files("layergeo.presets").joinpath(f"{preset}.yaml").read_text()))
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise LayergeoError(f"config file {path} does not exist; give a YAML file such as runs/X/config.yaml")
         try:
-            loaded = _yaml(path.read_text()) or {}
+            loaded = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise LayergeoError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise LayergeoError(f"config file {path} must hold a mapping of sections (data, student, ...)")
         raw = _deep_merge(raw, loaded)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LayergeoError(f"override {item!r} must look like key=value, e.g. student.layers=3")
-        try:
-            parsed = _yaml(value)
-        except yaml.YAMLError as exc:
-            raise LayergeoError(f"override {item!r} has a value that is not valid YAML ({str(exc).splitlines()[0]})") from None
-        raw = _deep_merge(raw, _nested(key.strip().split("."), parsed))
+        key, value = split_key_value(item, "override", "key=value, e.g. student.layers=3")
+        raw = _deep_merge(raw, _nested(key.split("."), command_line_value(value, item, "override")))
     return from_dict(RunConfig, raw)
 
 
@@ -224,7 +235,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def _scalar(text: str) -> Any:
     """One item of a comma-separated list, read as YAML (``"4"`` -> 4); left a string when it is not YAML."""
     try:
-        return _yaml(text)
+        return parse_yaml(text)
     except yaml.YAMLError:
         return text
 

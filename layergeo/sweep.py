@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from layergeo.config import RunConfig, dump_yaml, load_config, preset_names
+from layergeo.config import RunConfig, dump_yaml, load_config, parse_yaml, preset_names
 from layergeo.errors import LayergeoError
 from layergeo.runs import RunDir, write_text
 
@@ -77,7 +77,10 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise LayergeoError(f"grid file {path} does not exist; see analyses/*.yaml for examples")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LayergeoError(f"grid file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise LayergeoError(f"grid file {path} must be a mapping with keys {', '.join(sorted(GRID_KEYS))}")
     unknown = sorted(set(raw) - GRID_KEYS)

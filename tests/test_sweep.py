@@ -162,6 +162,21 @@ def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
     grid.write_text(GRID.split("grid:")[0] + "grid:\n  - {seed: [0]}\n  - {}\n")
     with pytest.raises(LayergeoError, match="non-empty lists"):
         load_grid(grid)
+    grid.write_text(GRID + "  seed: [0\n")
+    with pytest.raises(LayergeoError, match="grid file .* is not valid YAML"):
+        load_grid(grid)
+
+
+def test_a_layer_pair_in_a_grid_and_in_only_stays_a_string(tmp_path, capsys):
+    from layergeo.sweep import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.replace("[none, forward, reverse]", "[forward, 1:3]"))  # YAML 1.1 would read 1:3 as 63
+    assert load_grid(grid).blocks[0]["matching.strategy"] == ["forward", "1:3"]
+    capsys.readouterr()
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--only", "matching.strategy=1:3", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "[   new] 1-3_seed0" in listing and "forward" not in listing and "3 runs, 0 finished" in listing
 
 
 def test_a_slice_of_the_grid_runs_first_and_the_full_sweep_skips_it(tmp_path, capsys):
@@ -187,7 +202,8 @@ def test_a_slice_of_the_grid_runs_first_and_the_full_sweep_skips_it(tmp_path, ca
 
     for bad, message in [("data.task=sst2", "not an axis of grid 'tiny-grid'; its axes are matching.strategy, seed"),
                          ("seed=7", "seed=7: not a value of that axis; its values are 0, 1, 2"),
-                         ("seed", "must look like axis=value")]:
+                         ("seed", "must look like axis=value"),
+                         ("seed=[0", "--only 'seed=[0' has a value that is not valid YAML")]:
         capsys.readouterr()
         assert main(["sweep", str(grid), "--out", str(tmp_path / "bad"), "--only", bad]) == 2
         assert message in capsys.readouterr().err
