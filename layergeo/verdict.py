@@ -74,9 +74,6 @@ def spread_vs_noise(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table
 
 
-GEOMETRY = {"frac_acute": "acute", "thales_ratio": "ratio"}  # acute-table column -> claim (c) column prefix
-
-
 def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Claim (c): per task and init, the mean acute fraction (and Thales ratio, when the table has it)
     untrained and trained, and the Spearman correlation of each trained value with the metric."""
@@ -84,7 +81,7 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
     if missing:
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
     table = results
-    measures = {column: prefix for column, prefix in GEOMETRY.items() if column in acute}
+    measures = {column: prefix for column, (prefix, _) in plots.VERDICT_GEOMETRY.items() if column in acute}
     for column, prefix in measures.items():
         values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
         values = values.rename(columns={"init": f"{prefix}_untrained", "best": f"{prefix}_trained"})
@@ -167,7 +164,7 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     for title, table in zip(titles, claims.values()):
         text += [f"## {title}\n", table.to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
     write_text(out / "verdict.md", "\n".join(text) + "\n")
-    trained = results.merge(acute[acute.checkpoint == "best"][["run"] + [c for c in GEOMETRY if c in acute]], on="run")
+    trained = results.merge(acute[acute.checkpoint == "best"][["run"] + [c for c in plots.VERDICT_GEOMETRY if c in acute]], on="run")
     plots.save_figure(plots.verdict_panels(a, b, c, trained, metric), out / "verdict")
     return out
 
