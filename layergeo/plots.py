@@ -555,8 +555,9 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
     return fig
 
 
-# claim (c): per-run geometry column -> (column prefix in the verdict's claim (c) table, axis label)
-VERDICT_GEOMETRY = {"frac_acute": ("acute", "Fraction of acute angles, trained"), "thales_ratio": ("ratio", "Thales ratio, trained")}
+# claim (c): per-run geometry column -> (column prefix in the verdict's claim (c) table, axis label, name in sentences)
+VERDICT_GEOMETRY = {"frac_acute": ("acute", "Fraction of acute angles, trained", "trained acute fraction"),
+                    "thales_ratio": ("ratio", "Thales ratio, trained", "trained Thales ratio")}
 
 
 @_themed
@@ -573,7 +574,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
     """
     _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
     _require(trained, ["task", "init", "strategy", "frac_acute", metric], "verdict")
-    geometry = [(column, prefix, xlabel) for column, (prefix, xlabel) in VERDICT_GEOMETRY.items() if column in trained]
+    geometry = [(column, prefix, xlabel) for column, (prefix, xlabel, _) in VERDICT_GEOMETRY.items() if column in trained]
     groups = [key for key, _ in diffs.groupby(["task", "init"])]
     strategies = sort_strategies(trained["strategy"].unique())
     colors = _colors(strategies, STRATEGY_PALETTE)

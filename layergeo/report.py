@@ -88,6 +88,11 @@ def summary_stats(results: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return _order(stats).sort_values(keys + ["metric"]).reset_index(drop=True)
 
 
+def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """Missing cells as None, so the Markdown shows "–" and the LaTeX "--" (their missing-value marks), never "nan"."""
+    return table.astype(object).where(table.notna(), None)
+
+
 def main_table(stats: pd.DataFrame) -> pd.DataFrame:
     """The paper's layout: rows init x strategy, columns task / metric, cells 'mean ± std (n)'."""
     stats = stats.copy()
@@ -95,8 +100,7 @@ def main_table(stats: pd.DataFrame) -> pd.DataFrame:
     stats["column"] = stats.task.map(task_label) + " " + stats.metric.map(METRICS)
     index = [k for k in stats.columns if k in SETTING_KEYS] + ["init", "strategy"]
     table = stats.pivot_table(index=index, columns="column", values="cell", aggfunc="first", observed=True)
-    table = table.reset_index()
-    table = table.astype(object).where(table.notna(), None)  # a cell without runs (a partial sweep): "–", not "nan"
+    table = _blank_missing(table.reset_index())  # a cell without runs (a partial sweep)
     table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
     table["strategy"] = table["strategy"].map(strategy_label)
     return table.rename(columns={"init": "Init", "strategy": "Layer selection"})
@@ -155,8 +159,7 @@ def paper_table() -> pd.DataFrame:
     paper["column"] = paper.dataset + " " + paper.metric
     students = paper[paper.model == "student"]
     table = students.pivot_table(index=["setting", "init", "strategy"], columns="column", values="value", aggfunc="first")
-    table = table.reset_index()
-    table = table.astype(object).where(table.notna(), None)  # a number the paper does not give: "–", not "nan"
+    table = _blank_missing(table.reset_index())  # a number the paper does not give
     table["init"] = table["init"].map(lambda v: INIT_LABELS.get(v, v))
     table["strategy"] = table["strategy"].map(strategy_label)
     return table.rename(columns={"setting": "Paper setting", "init": "Init", "strategy": "Layer selection"})

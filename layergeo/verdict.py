@@ -81,7 +81,7 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
     if missing:
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
     table = results
-    measures = {column: prefix for column, (prefix, _) in plots.VERDICT_GEOMETRY.items() if column in acute}
+    measures = {column: prefix for column, (prefix, _, _) in plots.VERDICT_GEOMETRY.items() if column in acute}
     for column, prefix in measures.items():
         values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
         values = values.rename(columns={"init": f"{prefix}_untrained", "best": f"{prefix}_trained"})
@@ -141,8 +141,8 @@ def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.Dat
             if "ratio_trained" in g:
                 text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
             text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
-            text += "; ".join(_rank_correlation(g, prefix, name) for prefix, name in
-                              (("acute", "trained acute fraction"), ("ratio", "trained Thales ratio")) if f"{prefix}_spearman_rho" in g) + "."
+            text += "; ".join(_rank_correlation(g, prefix, name) for prefix, _, name in plots.VERDICT_GEOMETRY.values()
+                              if f"{prefix}_spearman_rho" in g) + "."
         lines.append(text)
     return lines
 
