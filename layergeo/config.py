@@ -2,12 +2,15 @@
 
 One :class:`RunConfig` describes a whole run (teacher fine-tuning uses the
 ``data``, ``teacher`` and ``seed`` sections). Unknown keys and values of the
-wrong type are errors, never silently ignored.
+wrong type are errors, never silently ignored, and so are values out of range
+(:func:`validate`, run by :func:`load_config`): a batch size of 0, a NaN learning
+rate or an empty config file stop the command before anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -19,7 +22,7 @@ from typing import Any
 import yaml
 
 from layergeo.errors import LayergeoError
-from layergeo.strategies import MappingOptions
+from layergeo.strategies import MappingOptions, parse_pairs, strategy_names
 
 
 @dataclass
@@ -136,28 +139,182 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("layergeo.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then a preset, then a YAML file, then ``key=value`` overrides (later wins)."""
+SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))  # the top level of a saved config.yaml
+CACHE_DTYPES = ("float16", "float32")  # = layergeo.cache.DTYPES (not imported: that module needs torch)
+NORMALIZATIONS = ("none", "layernorm", "l2")  # = layergeo.losses.NORMALIZATIONS
+STUDENT_INITS = ("copy", "random")
+SHUFFLE_MODES = ("fair", "any")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers.set_seed) takes no more
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] = (),
+                complete: bool | None = None) -> RunConfig:
+    """Defaults, then a preset, then a YAML file, then ``key=value`` overrides (later wins); then :func:`validate`.
+
+    ``complete``: the file must have every top-level section of a saved run config (:data:`SECTIONS`), so
+    a truncated ``config.yaml`` is refused instead of silently filled with defaults. By default it must
+    when no preset is given (the file is the whole run, as ``train --config runs/X/config.yaml``); a
+    file layered on a preset may be partial. An empty file is always an error.
+    """
     raw: dict[str, Any] = {}
     if preset is not None:
         if preset not in preset_names():
             raise LayergeoError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
         raw = _deep_merge(raw, parse_yaml(resources.files("layergeo.presets").joinpath(f"{preset}.yaml").read_text()))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LayergeoError(f"config file {path} does not exist; give a YAML file such as runs/X/config.yaml")
-        try:
-            loaded = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LayergeoError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise LayergeoError(f"config file {path} must hold a mapping of sections (data, student, ...)")
+        loaded = _read_config_file(Path(path), preset is None if complete is None else complete)
         raw = _deep_merge(raw, loaded)
     for item in overrides:
         key, value = split_key_value(item, "override", "key=value, e.g. student.layers=3")
         raw = _deep_merge(raw, _nested(key.split("."), command_line_value(value, item, "override")))
-    return from_dict(RunConfig, raw)
+    return validate(from_dict(RunConfig, raw))
+
+
+def _read_config_file(path: Path, complete: bool) -> dict[str, Any]:
+    if path.is_dir():
+        raise LayergeoError(f"config file {path} is a folder; give a YAML file such as runs/X/config.yaml")
+    if not path.is_file():
+        raise LayergeoError(f"config file {path} does not exist; give a YAML file such as runs/X/config.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LayergeoError(f"config file {path} is not UTF-8 text; give a YAML file such as runs/X/config.yaml") from None
+    except OSError as exc:
+        raise LayergeoError(f"cannot read config file {path} ({exc.strerror or exc})") from None
+    try:
+        loaded = parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise LayergeoError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is None or loaded == {}:
+        raise LayergeoError(f"config file {path} is empty; give a run's config.yaml, or settings with --preset")
+    if not isinstance(loaded, dict):
+        raise LayergeoError(f"config file {path} must hold a mapping of sections (data, student, ...)")
+    missing = [name for name in SECTIONS if name not in loaded]
+    if complete and missing:
+        from_dict(RunConfig, loaded)  # an unknown key or a wrong type says so first
+        raise LayergeoError(
+            f"config file {path} lacks the section{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+            f"a saved config.yaml has them all ({', '.join(SECTIONS)}); is it truncated? "
+            "For a partial file, add --preset NAME to take the rest from a preset"
+        )
+    return loaded
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Refuse values out of range, naming the key by its dotted path, the value and the range; returns ``config``.
+
+    Only what the config alone decides: whether a layer exists in the teacher, or a length fits its
+    model, is checked when the teacher is known (``train.validate_student_config``).
+    """
+    _integer("seed", config.seed, 0, MAX_SEED)
+    data = config.data
+    _integer("data.max_length", data.max_length, 2)
+    _integer("data.max_train", data.max_train, 1, optional=True)
+    _integer("data.max_eval", data.max_eval, 1, optional=True)
+    _optim(config.teacher.train, "teacher.train.")
+    student = config.student
+    _integer("student.layers", student.layers, 1)
+    _choice("student.init", student.init, STUDENT_INITS)
+    if student.copy_layers is not None:
+        for layer in student.copy_layers:
+            _integer("student.copy_layers", layer, 1, rule="every item must be a teacher layer >= 1 (1-based)")
+        if len(student.copy_layers) != student.layers:
+            raise LayergeoError(
+                f"config key 'student.copy_layers' got {student.copy_layers!r}, which names {len(student.copy_layers)} "
+                f"teacher layers for a {student.layers}-layer student; give {student.layers} (or null for the forward targets)"
+            )
+    for name in ("hidden_size", "intermediate_size", "num_heads"):
+        _integer(f"student.{name}", getattr(student, name), 1, optional=True)
+    _matching(config.matching)
+    loss = config.loss
+    for name in ("alpha_ce", "alpha_kl", "alpha_hidden"):
+        _number(f"loss.{name}", getattr(loss, name), 0.0, inclusive=True)
+    hidden = loss.alpha_hidden if config.matching.strategy != "none" else 0.0
+    if loss.alpha_ce == loss.alpha_kl == hidden == 0:
+        why = "are all 0" if loss.alpha_hidden == 0 else "are 0 and matching.strategy is none"
+        raise LayergeoError(f"config keys 'loss.alpha_ce', 'loss.alpha_kl' and 'loss.alpha_hidden' {why}: "
+                            "the student's loss would be 0; give loss.alpha_ce or loss.alpha_kl a weight > 0")
+    _number("loss.temperature", loss.temperature, 0.0)
+    _choice("loss.normalize", loss.normalize, NORMALIZATIONS)
+    _optim(config.train, "train.")
+    return config
+
+
+def _optim(optim: OptimConfig, where: str) -> None:
+    _integer(f"{where}max_steps", optim.max_steps, 1, optional=True)
+    if optim.max_steps is None:
+        _integer(f"{where}epochs", optim.epochs, 1, rule=f"it must be an integer >= 1 (or set {where}max_steps >= 1)")
+    else:
+        _integer(f"{where}epochs", optim.epochs, 0)  # unused: max_steps sets the budget
+    _integer(f"{where}batch_size", optim.batch_size, 1)
+    _number(f"{where}lr", optim.lr, 0.0)
+    _number(f"{where}weight_decay", optim.weight_decay, 0.0, inclusive=True)
+    _number(f"{where}warmup_ratio", optim.warmup_ratio, 0.0, inclusive=True, below=1.0)
+    _number(f"{where}grad_clip", optim.grad_clip, 0.0)
+    _integer(f"{where}eval_every", optim.eval_every, 1, optional=True)
+    _integer(f"{where}log_every", optim.log_every, 1)
+    _integer(f"{where}early_stop", optim.early_stop, 1, optional=True)
+    _choice(f"{where}cache_dtype", optim.cache_dtype, CACHE_DTYPES)
+    _number(f"{where}random_init_lr", optim.random_init_lr, 0.0, optional=True)
+    _integer(f"{where}random_init_epochs", optim.random_init_epochs, 1, optional=True)
+
+
+def _matching(options: MappingOptions) -> None:
+    names = [name for name in strategy_names() if name != "explicit"]
+    strategy = options.strategy
+    if strategy == "explicit" and not options.pairs:
+        raise LayergeoError("config key 'matching.strategy' is 'explicit' but 'matching.pairs' is null; "
+                            "give matching.pairs, e.g. '1:4,2:8,3:12'")
+    if strategy not in strategy_names() and ":" not in strategy:
+        raise LayergeoError(f"config key 'matching.strategy' got {strategy!r}, which is not a strategy; choose one of "
+                            f"{', '.join(names)}, or give explicit pairs such as '1:4,2:8,3:12'")
+    for key, text in (("matching.strategy", strategy if ":" in strategy else None), ("matching.pairs", options.pairs)):
+        if text is None:
+            continue
+        try:
+            pairs = parse_pairs(text)
+        except LayergeoError as exc:
+            raise LayergeoError(f"config key {key!r}: {exc}") from None
+        for s, t in pairs:
+            if s < 0 or t < 0:
+                raise LayergeoError(f"config key {key!r} got {text!r}, whose pair {s}:{t} is out of range: "
+                                    "layer indices are >= 0 (0 = the embedding output)")
+    _integer("matching.target", options.target, 0, optional=True, rule="it must be null or a teacher state >= 0")
+    _integer("matching.rail_every_steps", options.rail_every_steps, 1, optional=True)
+    _choice("matching.shuffle", options.shuffle, SHUFFLE_MODES)
+
+
+def _out_of_range(key: str, value: Any, rule: str) -> LayergeoError:
+    return LayergeoError(f"config key {key!r} got {value!r}, which is out of range: {rule}")
+
+
+def _integer(key: str, value: int | None, low: int, high: int | None = None, optional: bool = False,
+             rule: str | None = None) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < low or (high is not None and value > high):
+        if rule is None:
+            rule = f"it must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+            rule = f"{rule.replace('it must be', 'it must be null or')}" if optional else rule
+        raise _out_of_range(key, value, rule)
+
+
+def _number(key: str, value: float | None, low: float, inclusive: bool = False, below: float | None = None,
+            optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = value is not None and math.isfinite(value) and (value >= low if inclusive else value > low)
+    if ok and below is not None:
+        ok = value < below
+    if not ok:
+        rule = f"it must be {'null or ' if optional else ''}a finite number {'>=' if inclusive else '>'} {low:g}"
+        rule += f" and < {below:g}" if below is not None else ""
+        raise _out_of_range(key, value, rule)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LayergeoError(f"config key {key!r} got {value!r}; choose one of {', '.join(choices)}")
 
 
 def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:

@@ -193,9 +193,12 @@ def test_yaml_round_trip(tmp_path):
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("student: {layers: 2}\ntrain: {lr: 1e-3}\n")
-    config = load_config(path, overrides=["student.layers=1"])
+    config = load_config(path, overrides=["student.layers=1"], complete=False)
     assert config.student.layers == 1
     assert config.train.lr == pytest.approx(1e-3)
+    # layered on a preset, a partial file is fine (the preset fills the rest)
+    config = load_config(path, preset="tiny")
+    assert config.student.layers == 2 and config.teacher.model == "tiny-bert"
 
 
 def test_bad_files(tmp_path):
@@ -222,7 +225,7 @@ def test_teacher_train_defaults_survive_partial_override(tmp_path):
     assert config.train.lr == 1e-4 and config.train.epochs == 1
     path = tmp_path / "t.yaml"
     path.write_text("teacher:\n  model: tiny-bert\n  train: {batch_size: 8}\n")
-    config = load_config(path)
+    config = load_config(path, complete=False)
     assert config.teacher.train.batch_size == 8 and config.teacher.train.lr == 5e-5
     assert config.teacher.model == "tiny-bert"
     # an override of teacher.model alone keeps the whole teacher.train section
@@ -236,3 +239,189 @@ def test_from_dict_direct():
     assert student == StudentConfig(layers=2, hidden_size=16)
     with pytest.raises(LayergeoError):
         from_dict(StudentConfig, [1, 2])
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges: nonsense numbers are refused when the config is loaded, naming the full dotted key
+
+
+OPTIM_BAD = [
+    ("batch_size", "0"), ("batch_size", "-4"),
+    ("lr", "0"), ("lr", "-1e-4"), ("lr", "nan"), ("lr", ".inf"), ("lr", "-.inf"),
+    ("epochs", "0"), ("epochs", "-1"),
+    ("max_steps", "0"), ("max_steps", "-3"),
+    ("warmup_ratio", "-0.1"), ("warmup_ratio", "1"), ("warmup_ratio", "1.5"), ("warmup_ratio", "nan"),
+    ("grad_clip", "0"), ("grad_clip", "-1"), ("grad_clip", "nan"), ("grad_clip", ".inf"),
+    ("eval_every", "0"), ("eval_every", "-1"),
+    ("log_every", "0"), ("log_every", "-2"),
+    ("early_stop", "0"), ("early_stop", "-1"),
+    ("weight_decay", "-0.01"), ("weight_decay", "nan"), ("weight_decay", ".inf"),
+    ("random_init_lr", "0"), ("random_init_lr", "-1"), ("random_init_lr", "nan"), ("random_init_lr", ".inf"),
+    ("random_init_epochs", "0"), ("random_init_epochs", "-1"),
+    ("cache_dtype", "bfloat16"), ("cache_dtype", "float64"),
+]
+OTHER_BAD = [
+    ("seed", "-1"), ("seed", "4294967296"),
+    ("data.max_length", "1"), ("data.max_length", "0"), ("data.max_length", "-64"),
+    ("data.max_train", "0"), ("data.max_train", "-1"), ("data.max_eval", "0"), ("data.max_eval", "-5"),
+    ("student.layers", "0"), ("student.layers", "-1"),
+    ("student.hidden_size", "0"), ("student.hidden_size", "-192"),
+    ("student.intermediate_size", "0"), ("student.num_heads", "0"), ("student.num_heads", "-2"),
+    ("student.copy_layers", "0,1"), ("student.copy_layers", "-1,2"),
+    ("student.init", "pretrained"),
+    ("loss.temperature", "0"), ("loss.temperature", "-1"), ("loss.temperature", "nan"), ("loss.temperature", ".inf"),
+    ("loss.alpha_ce", "-1"), ("loss.alpha_kl", "nan"), ("loss.alpha_hidden", ".inf"), ("loss.alpha_hidden", "-0.5"),
+    ("loss.normalize", "batchnorm"),
+    ("matching.strategy", "backwards"), ("matching.strategy", "1:x"), ("matching.strategy", "-1:2"),
+    ("matching.target", "-1"), ("matching.rail_every_steps", "0"), ("matching.shuffle", "some"),
+    ("matching.pairs", "1-4"),
+]
+
+
+@pytest.mark.parametrize("section", ["train", "teacher.train"])
+@pytest.mark.parametrize("name, value", OPTIM_BAD, ids=[f"{n}={v}" for n, v in OPTIM_BAD])
+def test_optimiser_values_out_of_range_named_by_full_key(section, name, value):
+    key = f"{section}.{name}"
+    with pytest.raises(LayergeoError) as info:
+        load_config(preset="tiny", overrides=[f"{key}={value}"])
+    message = str(info.value)
+    assert repr(key) in message and "\n" not in message
+    if section == "train":  # 'train.epochs' is a substring of 'teacher.train.epochs': the other way round only
+        assert "teacher.train." not in message
+    for other in ("batch_size", "epochs", "lr", "max_steps"):  # a bad batch size is not blamed on the epochs
+        if other != name:
+            assert f"{section}.{other}'" not in message
+
+
+@pytest.mark.parametrize("key, value", OTHER_BAD, ids=[f"{k}={v}" for k, v in OTHER_BAD])
+def test_values_out_of_range_named(key, value):
+    with pytest.raises(LayergeoError) as info:
+        load_config(preset="tiny", overrides=[f"{key}={value}"])
+    message = str(info.value)
+    assert repr(key) in message and "\n" not in message
+
+
+def test_out_of_range_message_says_key_value_and_range():
+    with pytest.raises(LayergeoError) as info:
+        load_config(overrides=["train.batch_size=-4"])
+    assert str(info.value) == "config key 'train.batch_size' got -4, which is out of range: it must be an integer >= 1"
+    with pytest.raises(LayergeoError, match=r"'teacher.train.lr' got nan, .*finite number > 0"):
+        load_config(overrides=["teacher.train.lr=nan"])
+    with pytest.raises(LayergeoError, match=r"'train.warmup_ratio' got 1.0, .*>= 0 and < 1"):
+        load_config(overrides=["train.warmup_ratio=1"])
+
+
+def test_epochs_may_be_zero_when_max_steps_sets_the_budget():
+    config = load_config(preset="tiny", overrides=["train.epochs=0", "train.max_steps=5"])
+    assert config.train.epochs == 0 and config.train.max_steps == 5
+    with pytest.raises(LayergeoError, match="'train.epochs'"):
+        load_config(preset="tiny", overrides=["train.epochs=-1", "train.max_steps=5"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.warmup_ratio=0", "train.weight_decay=0", "loss.alpha_hidden=0", "loss.alpha_kl=0"],
+    ["seed=4294967295", "data.max_length=2", "student.copy_layers=1,2", "matching.target=0"],
+    ["train.grad_clip=1e9", "loss.temperature=0.1", "train.random_init_lr=5e-4", "train.random_init_epochs=1"],
+    ["matching.strategy=explicit", "matching.pairs=1:2,2:4"], ["matching.strategy=1:4,2:8"],
+    ["student.init=random", "student.copy_layers=[1, 3]"],
+    ["train.cache_dtype=float32", "loss.normalize=l2", "matching.shuffle=any", "matching.rail_every_steps=1"],
+])
+def test_edges_of_the_ranges_are_allowed(overrides):
+    load_config(preset="tiny", overrides=overrides)
+
+
+def test_copy_layers_must_name_one_teacher_layer_per_student_layer():
+    with pytest.raises(LayergeoError, match="'student.copy_layers'.*2-layer student"):
+        load_config(preset="tiny", overrides=["student.copy_layers=1,2,3"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.alpha_ce=0", "loss.alpha_kl=0", "loss.alpha_hidden=0"],
+    ["loss.alpha_ce=0", "loss.alpha_kl=0", "matching.strategy=none"],
+])
+def test_a_loss_of_zero_is_refused(overrides):
+    with pytest.raises(LayergeoError, match="loss.alpha_ce"):
+        load_config(preset="tiny", overrides=overrides)
+
+
+def test_explicit_strategy_needs_pairs():
+    with pytest.raises(LayergeoError, match="matching.pairs"):
+        load_config(overrides=["matching.strategy=explicit"])
+
+
+def test_range_names_match_the_modules_that_use_them():
+    from layergeo.cache import DTYPES
+    from layergeo.config import CACHE_DTYPES, NORMALIZATIONS
+    from layergeo.losses import NORMALIZATIONS as LOSS_NORMALIZATIONS
+
+    assert CACHE_DTYPES == DTYPES and NORMALIZATIONS == LOSS_NORMALIZATIONS
+
+
+# --------------------------------------------------------------------------------------------
+# Empty and truncated files never silently start the default job
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "~\n", "null\n", "{}\n", "---\n"])
+@pytest.mark.parametrize("preset", [None, "tiny"])
+def test_empty_config_file_is_an_error(tmp_path, text, preset):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(LayergeoError, match=f"config file {path} is empty"):
+        load_config(path, preset=preset)
+
+
+def test_truncated_saved_config_is_refused_naming_the_missing_sections(tmp_path):
+    full = dump_yaml(load_config(preset="tiny"))
+    path = tmp_path / "config.yaml"
+    path.write_text(full)
+    assert load_config(path) == load_config(preset="tiny")
+    cut = full[: full.index("\nstudent:") + 1]  # the file ends after the teacher section
+    path.write_text(cut)
+    with pytest.raises(LayergeoError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "student, matching, loss, train" in message and "saved config.yaml has them all" in message
+    assert "\n" not in message
+    # the same partial file on top of a preset is a deliberate partial config
+    assert load_config(path, preset="tiny") == load_config(preset="tiny")
+    assert load_config(path, complete=False).teacher.model == "tiny-bert"
+
+
+def test_config_file_that_is_a_folder_or_not_utf8(tmp_path):
+    with pytest.raises(LayergeoError, match="is a folder"):
+        load_config(tmp_path)
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"data: {task: caf\xe9}\n")
+    with pytest.raises(LayergeoError, match="not UTF-8"):
+        load_config(path, preset="tiny")
+
+
+# --------------------------------------------------------------------------------------------
+# Everything shipped still loads
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads_and_round_trips_complete(preset, tmp_path):
+    config = load_config(preset=preset)
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(config))
+    assert load_config(path) == config  # a saved config is complete
+
+
+def _shipped_grids():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    return sorted([*(root / "analyses").glob("*.yaml"), *(root / "figures").glob("*/grid.yaml")])
+
+
+@pytest.mark.parametrize("grid_file", _shipped_grids(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_of_every_shipped_grid_loads(grid_file, tmp_path):
+    from layergeo.sweep import load_grid, plan
+
+    teachers, runs = plan(load_grid(grid_file), tmp_path)
+    assert runs
+    for config in [*teachers.values(), *(r.config for r in runs)]:
+        path = tmp_path / "config.yaml"
+        path.write_text(dump_yaml(config))
+        assert load_config(path) == config
