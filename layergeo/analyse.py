@@ -23,7 +23,8 @@ from layergeo import plots
 from layergeo.collect import LoadedRun, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
 from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, update_angles
-from layergeo.runs import RunDir, write_json, write_text
+from layergeo.data import read_texts_file
+from layergeo.runs import RunDir, atomic_dir, check_output_path, has_content, write_json, write_text
 from layergeo.train import resolve_device
 
 SPACES = ("student", "teacher")
@@ -57,10 +58,15 @@ class AngleOptions:
     def check(self) -> None:
         if self.space not in SPACES:
             raise LayergeoError(f"unknown --space {self.space!r}; choose student (the pull the student feels) or teacher")
-        if self.texts is not None and not Path(self.texts).is_file():
-            raise LayergeoError(f"--texts {self.texts} does not exist; give a file with one sentence per line")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise LayergeoError("--max-examples must be a positive number")
+        if self.texts is not None:
+            read_texts_file(self.texts)  # exists, is UTF-8, has sentences
+        elif self.split not in ("train", "dev", "test"):
+            raise LayergeoError(f"unknown --split {self.split!r}; choose train, dev or test")
+        for flag, value, least in (("--max-examples", self.max_examples, 1), ("--max-length", self.max_length, 2),
+                                   ("--bins", self.bins, 1), ("--batch-size", self.batch_size, 1)):
+            if value is not None and value < least:
+                raise LayergeoError(f"{flag} {value}: give a whole number of at least {least}")
+        resolve_device(self.device)
 
 
 def _matrix_frame(matrix: np.ndarray, rows: list[str], cols: list[str], row_name: str, col_name: str, value: str) -> pd.DataFrame:
@@ -143,10 +149,22 @@ class RunGeometry:
 def analyse_run(path: str | Path, options: AngleOptions, out: Path | None = None, reuse: bool = False) -> Path:
     """Measure one run and write its tables and figures; returns the output folder."""
     options.check()
+    if out is not None:
+        check_output_path(out)
+        if has_content(out) and not (out / "summary.json").is_file():
+            raise LayergeoError(f"--out {out} already holds other files; give a new folder (or one an earlier "
+                                "angles/geometry command wrote, which is replaced)")
     loaded = load_run(path, options.checkpoint)
     out = out or loaded.run.path / "geometry" / options.tag()
     if reuse and _matches(out, options, loaded.run):
         return out
+    if not loaded.run.finished:
+        print(f"warning: run {loaded.run.path} has not finished; measuring its {options.checkpoint} checkpoint as it is now",
+              file=sys.stderr)
+    limit = int(loaded.teacher.config.max_position_embeddings)
+    if options.max_length is not None and options.max_length > limit:
+        raise LayergeoError(f"--max-length {options.max_length} is above the model's limit of {limit} positions; "
+                            f"choose at most {limit}")
     device = resolve_device(options.device)
     loader, n_examples, source = texts_loader(loaded, options.split, Path(options.texts) if options.texts else None,
                                               options.max_examples, options.max_length, options.batch_size)
@@ -159,13 +177,20 @@ def analyse_run(path: str | Path, options: AngleOptions, out: Path | None = None
                                  desc=f"angles {loaded.run.path.name}", dynamic_ncols=True):
         geometry.update(teacher, student)
         n_tokens += teacher.shape[0]
-    _write(out, geometry, options, n_examples, n_tokens, source)
+    with atomic_dir(out) as tmp:  # the folder appears complete, or not at all
+        _write(tmp, geometry, options, n_examples, n_tokens, source)
     return out
+
+
+def has_analysis(run: Path, options: AngleOptions) -> bool:
+    """Whether a finished run already holds the analysis ``options`` describe (in its own geometry folder)."""
+    run_dir = RunDir(run)
+    return run_dir.finished and _matches(run_dir.path / "geometry" / options.tag(), options, run_dir)
 
 
 def _matches(out: Path, options: AngleOptions, run: RunDir) -> bool:
     summary = out / "summary.json"
-    if not summary.is_file() or summary.stat().st_mtime < run.results_file.stat().st_mtime:
+    if not summary.is_file() or not run.finished or summary.stat().st_mtime < run.results_file.stat().st_mtime:
         return False
     recorded = json.loads(summary.read_text()).get("options", {})
     return recorded == {**asdict(options), "device": recorded.get("device")} and (not options.extras or (out / "cka.csv").is_file())
@@ -262,6 +287,7 @@ def expand_runs(paths: list[str]) -> list[Path]:
 
 def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str], out: Path) -> pd.DataFrame:
     """Analyse every run (reusing finished analyses) and write one tidy table and faceted figures."""
+    check_output_path(out)
     frames, summaries = [], []
     for path in expand_runs(paths):
         for checkpoint in checkpoints:

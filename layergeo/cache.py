@@ -15,7 +15,8 @@ the teacher. The folder::
       state_{t}.npy          (n_tokens, d) float16 | float32: teacher state t at the non-padding
                              tokens of each example, concatenated in example order
 
-The key is sha256 over: the teacher checkpoint's bytes (config.json and every *.safetensors;
+The key is sha256 over: the torch and transformers versions and the teacher's attention
+implementation (they change the kernels, hence the rounding), the teacher checkpoint's bytes (config.json and every *.safetensors;
 hashing MiniLM's 90 MB takes ~0.1 s), the tokenizer (class and vocabulary), the task name, the
 split, the encoded examples (every feature of every example, so the max_train cap, its seed and
 any change of data show up), max_length, the storage dtype, the compute precision (fp32, or
@@ -131,11 +132,20 @@ def examples_digest(encoded: data.EncodedSplit) -> str:
 
 def ingredients(
     checkpoint: str | Path, tokenizer, task: str, split: str, encoded: data.EncodedSplit, max_length: int,
-    dtype: str, device: torch.device,
+    dtype: str, device: torch.device, attention: str = "eager",
 ) -> dict:
-    """Everything the cached numbers depend on; the key is their sha256."""
+    """Everything the cached numbers depend on; the key is their sha256.
+
+    ``attention``: the teacher's attention implementation (eager, sdpa, ...), which, like the torch
+    and transformers versions, changes the kernels and so the rounding of every stored number.
+    """
+    import transformers
+
     return {
         "format": FORMAT,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attention": attention,
         "teacher": teacher_digest(checkpoint),
         "tokenizer": tokenizer_digest(tokenizer),
         "task": task,
@@ -219,7 +229,9 @@ class TeacherCache:
         starts, ends = self._offsets[idx], self._offsets[idx + 1]
         lengths = ends - starts
         keep = torch.arange(width) < torch.from_numpy(lengths)[:, None]  # right padding: real tokens first
-        checked = attention_mask.device.type != "cpu" or torch.equal(keep, attention_mask.bool())  # no device sync
+        # On CPU the mask is compared here; on a GPU that would wait for the device, and right padding (checked when
+        # the cache is opened) with the split's own encoded lengths (part of the key) already fixes every mask.
+        checked = attention_mask.device.type != "cpu" or torch.equal(keep, attention_mask.bool())
         if int(lengths.max(initial=0)) > width or not checked:
             raise LayergeoError("the batch's attention mask does not match the cached examples; the cache needs "
                                 "right-padded batches of the split it was built from (same tokenizer and max_length)")
@@ -263,7 +275,8 @@ class TeacherCache:
             raise LayergeoError("the teacher cache needs right padding (tokenizer.padding_side='right'): with left "
                                 "padding a token's position, hence the teacher's output, depends on the batch")
         device = next(teacher.parameters()).device
-        parts = ingredients(checkpoint, tokenizer, task, split, encoded, max_length, dtype, device)
+        attention = str(getattr(teacher.config, "_attn_implementation", None) or "eager")
+        parts = ingredients(checkpoint, tokenizer, task, split, encoded, max_length, dtype, device, attention)
         key = cache_key(parts)
         root = Path(root)
         path = root / key

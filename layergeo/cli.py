@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -198,10 +197,20 @@ def _grid_slice(items: list[str]) -> dict[str, list]:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    from layergeo.runs import RunDir, check_output_path
     from layergeo.sweep import execute
+
+    if args.jobs < 1:
+        raise LayergeoError(f"--jobs {args.jobs}: give at least 1 (runs at a time on this machine)")
+    if args.devices and args.jobs != 1:
+        raise LayergeoError("give either --devices (one run per GPU) or --jobs (runs at a time on the CPU), not both")
+    if not args.dry_run:
+        check_output_path(Path(args.out))
 
     only = _grid_slice(args.only)
     devices = args.devices.split(",") if args.devices else None
+    if devices and not all(d.strip() for d in devices):
+        raise LayergeoError(f"--devices {args.devices!r} has an empty item; give GPU ids like 0,1,2,3")
     if args.launcher != "here" and not args.dry_run:
         from layergeo.config import command_line_value, split_key_value
         from layergeo.sweep import submit
@@ -211,17 +220,21 @@ def run_sweep(args: argparse.Namespace) -> int:
             key, value = split_key_value(item, "--slurm", "key=value, e.g. slurm_partition=gpu")
             parameters[key] = command_line_value(value, item, "--slurm")
         runs = submit(args.grid, Path(args.out), launcher=args.launcher, slurm=parameters, only=only)
-        print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
-        return 0
-    runs = execute(args.grid, Path(args.out), jobs=args.jobs, devices=devices, dry_run=args.dry_run, only=only)
+    else:
+        runs = execute(args.grid, Path(args.out), jobs=args.jobs, devices=devices, dry_run=args.dry_run, only=only)
     if not args.dry_run:
-        print(f"{len(runs)} runs finished under {runs[0].out.parent if runs else args.out}")
+        finished = sum(RunDir(r.out).finished for r in runs)
+        left = f"; {len(runs) - finished} not finished (another sweep may be running them)" if finished < len(runs) else ""
+        print(f"{finished} of {len(runs)} runs finished under {runs[0].out.parent if runs else args.out}{left}")
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
     from layergeo.report import write_report
+    from layergeo.runs import check_output_path
 
+    if args.out:
+        check_output_path(Path(args.out))
     out = write_report(args.runs_dir, Path(args.out) if args.out else None, paper=args.paper)
     print((out / "report.md").read_text())
     print(f"tables (CSV, Markdown, LaTeX) in {out}")
@@ -230,7 +243,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_figures(args: argparse.Namespace) -> int:
     from layergeo.figures import write_figures
+    from layergeo.runs import check_output_path
 
+    if args.out:
+        check_output_path(Path(args.out))
     out = write_figures(args.runs_dir, Path(args.out) if args.out else None)
     print(f"figures (PNG and PDF) in {out}")
     return 0
@@ -241,6 +257,10 @@ def run_verdict(args: argparse.Namespace) -> int:
 
     from layergeo.verdict import verdict_from_sweep, write_verdict
 
+    from layergeo.runs import check_output_path
+
+    if args.out:
+        check_output_path(Path(args.out))
     if args.runs_dir and not (args.results or args.acute):
         out = verdict_from_sweep(Path(args.runs_dir), Path(args.out) if args.out else None, args.metric)
     elif args.results and args.acute and args.out and not args.runs_dir:
@@ -248,8 +268,14 @@ def run_verdict(args: argparse.Namespace) -> int:
         for name in ("results", "acute"):
             path = Path(getattr(args, name))
             if not path.is_file():
-                raise LayergeoError(f"--{name} {path} does not exist; give the CSV written by layergeo report/figures")
-            tables[name] = pd.read_csv(path)
+                what = "is a folder" if path.is_dir() else "does not exist"
+                raise LayergeoError(f"--{name} {path} {what}; give the CSV written by layergeo report/figures")
+            try:
+                tables[name] = pd.read_csv(path)
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise LayergeoError(f"--{name} {path} cannot be read as a CSV ({reason}); give the file written by "
+                                    "layergeo report/figures") from None
         out = write_verdict(tables["results"], tables["acute"], Path(args.out), args.metric)
     else:
         raise LayergeoError("give either RUNS_DIR, or --results CSV --acute CSV --out DIR")
@@ -260,7 +286,13 @@ def run_verdict(args: argparse.Namespace) -> int:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     from layergeo.reproduce import reproduce
+    from layergeo.runs import check_output_path
 
+    if args.jobs < 1:
+        raise LayergeoError(f"--jobs {args.jobs}: give at least 1 (runs at a time on this machine)")
+    if args.devices and args.jobs != 1:
+        raise LayergeoError("give either --devices (one run per GPU) or --jobs (runs at a time on the CPU), not both")
+    check_output_path(Path(args.out))
     out = reproduce(Path(args.out), full=args.full, jobs=args.jobs, devices=args.devices.split(",") if args.devices else None)
     print(f"report, figures and verdict in {out}")
     return 0
@@ -291,32 +323,23 @@ def run_angles(args: argparse.Namespace) -> int:
 
 def run_training(args: argparse.Namespace) -> int:
     from layergeo.config import load_config
-    from layergeo.runs import prepare_out_dir
-    from layergeo.train import distil_student, distributed_state, fine_tune_teacher, on_main
+    from layergeo.lifecycle import AlreadyFinished, execute_run
+    from layergeo.runs import CONFIG
 
     out = Path(args.out)
-    preset = args.preset or (None if args.config else "default")
-    if args.resume and not args.config and not args.overrides and not args.preset:
-        config = load_config(out / "config.yaml") if (out / "config.yaml").is_file() else load_config(preset="default")
+    given = bool(args.config or args.overrides or args.preset)
+    if args.resume and not given and (out / CONFIG).is_file():
+        config = load_config(out / CONFIG)  # the saved configuration, as it was
     else:
-        config = load_config(args.config, preset, args.overrides)
-    # one process, or one of several started by `accelerate launch` / `torchrun`: only the main one
-    # checks and clears --out (the others wait for it, and get its error if any) and writes the run
-    state, _ = distributed_state(config.device)
-    existed = out.exists()
-    on_main(state, lambda: prepare_out_dir(out, args.resume, args.overwrite))
+        config = load_config(args.config, args.preset or (None if args.config else "default"), args.overrides)
     try:
-        if args.command == "teacher":
-            results = fine_tune_teacher(config, out, resume=args.resume)
-        else:
-            results = distil_student(config, out, resume=args.resume)
-    except LayergeoError:
-        if not args.resume and state.is_main_process:  # leave nothing half-written behind
-            shutil.rmtree(out, ignore_errors=True)
-            if existed:
-                out.mkdir()
-        raise
-    if not state.is_main_process:
+        results = execute_run(args.command, config, out, resume=args.resume, overwrite=args.overwrite)
+    except AlreadyFinished:
+        print(f"{args.command} run {out} is already finished (results.json); nothing to resume")
+        return 0
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one of several launched processes: the main one reports
         return 0
     dev, test = results["dev"], results["test"]
     print(f"{args.command} run written to {out}: dev accuracy {dev['accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
@@ -327,6 +350,16 @@ def run_training(args: argparse.Namespace) -> int:
 def run_mapping(args: argparse.Namespace) -> int:
     from layergeo.strategies import MappingOptions, build_mapper
 
+    for flag, value in (("--teacher-layers", args.teacher_layers), ("--student-layers", args.student_layers)):
+        if value < 1:
+            raise LayergeoError(f"{flag} {value}: give a number of layers of at least 1")
+    if args.epoch < 0:
+        raise LayergeoError(f"--epoch {args.epoch}: epochs count from 0")
+    if args.seed < 0:
+        raise LayergeoError(f"--seed {args.seed}: give a seed of at least 0")
+    if args.student_layers > args.teacher_layers:
+        raise LayergeoError(f"the student ({args.student_layers} layers) is deeper than its teacher "
+                            f"({args.teacher_layers} layers); choose --student-layers <= {args.teacher_layers}")
     options = MappingOptions(strategy=args.strategy, embeddings=not args.no_embeddings, target=args.target, shuffle=args.shuffle)
     mapper = build_mapper(options, args.teacher_layers, args.student_layers, args.seed)
     pairs = mapper.pairs_at(args.epoch, 0)
@@ -347,8 +380,11 @@ def _quiet_libraries() -> None:
     """Our own progress bar is enough: silence the per-file bars and notices of transformers."""
     from transformers.utils import logging as hf_logging
 
+    from huggingface_hub.utils import logging as hub_logging
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # no warning per retry of an unreachable hub
 
 
 COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping, "angles": run_angles,

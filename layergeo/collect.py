@@ -73,7 +73,9 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
     folder = run.checkpoint(checkpoint)
     if not (folder / "config.json").is_file():
         raise LayergeoError(f"run {run.path} has no checkpoints/{checkpoint}; finish it with layergeo train --resume")
-    teacher, teacher_tokenizer = load_checkpoint(RunDir(teacher_dir_of(run, config)).checkpoint("best"))
+    teacher_checkpoint = RunDir(teacher_dir_of(run, config)).checkpoint("best")
+    _check_teacher_identity(run, teacher_checkpoint)
+    teacher, teacher_tokenizer = load_checkpoint(teacher_checkpoint)
     student, tokenizer = Student.load(folder, width(teacher.config))
     if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise LayergeoError(f"the student in {folder} uses a different tokenizer from its teacher; they must share one")
@@ -86,6 +88,17 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
     n_teacher, n_student = int(teacher.config.num_hidden_layers), int(student.model.config.num_hidden_layers)
     forward = [(j + 1, t) for j, t in enumerate(forward_targets(n_teacher, n_student))]
     return LoadedRun(run, config, checkpoint, teacher.eval(), student.eval(), tokenizer, strategy, matched, forward)
+
+
+def _check_teacher_identity(run: RunDir, checkpoint: Path) -> None:
+    """Refuse a teacher whose weights are not those the run was distilled from (recorded in env.json)."""
+    from layergeo.cache import teacher_digest
+    from layergeo.runs import read_json
+
+    recorded = read_json(run.env_file).get("teacher_sha256")
+    if recorded is not None and teacher_digest(checkpoint) != recorded:
+        raise LayergeoError(f"the teacher in {checkpoint.parent.parent} is not the one run {run.path} was distilled "
+                            "from (its weights differ from the recorded sha256); restore that teacher")
 
 
 def texts_loader(loaded: LoadedRun, split: str = "dev", texts: Path | None = None, max_examples: int | None = None,

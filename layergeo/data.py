@@ -489,8 +489,13 @@ def read_texts_file(path: str | Path) -> list[str]:
     """Sentences from a text file, one per line; blank lines dropped."""
     path = Path(path)
     if not path.is_file():
-        raise LayergeoError(f"texts file {path} does not exist; give a UTF-8 file with one sentence per line")
-    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise LayergeoError(f"texts file {path} {what}; give a UTF-8 file with one sentence per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LayergeoError(f"texts file {path} is not UTF-8 (byte {exc.start}); save it as UTF-8 text") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
         raise LayergeoError(f"texts file {path} has no sentences; put one sentence per line")
     return texts

@@ -42,6 +42,26 @@ def tiny_bert_config(vocab_size: int, num_labels: int) -> PretrainedConfig:
     )
 
 
+def require_hub(spec: str) -> None:
+    """Before asking the hub for ``spec`` (not a local folder): one clear line when it cannot be reached.
+
+    Offline, the hub client would otherwise retry for half a minute and print a warning per retry.
+    """
+    if Path(spec).exists():
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LayergeoError(f"model {spec!r} is not a local folder and the hub is offline; use the embedded default 'minilm'")
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise LayergeoError(f"model {spec!r} is not a local folder and the hub ({host}) cannot be reached from here; "
+                            "give a local folder or use the embedded default 'minilm'") from None
+
+
 def load_pretrained(spec: str, num_labels: int) -> tuple[PreTrainedModel, object]:
     """A pretrained encoder with a fresh classification head, and its tokenizer.
 
@@ -53,8 +73,7 @@ def load_pretrained(spec: str, num_labels: int) -> tuple[PreTrainedModel, object
         tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_path())
         model = AutoModelForSequenceClassification.from_config(tiny_bert_config(len(tokenizer), num_labels))
         return model, tokenizer
-    if not Path(spec).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LayergeoError(f"model {spec!r} is not a local folder and the hub is offline; use the embedded default 'minilm'")
+    require_hub(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=num_labels)
@@ -74,8 +93,8 @@ def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object]:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0][:160]
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, safetensors' own error for a damaged file, ...
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise LayergeoError(f"checkpoint {path} cannot be loaded ({reason}); re-run training to rewrite it") from None
     return model, tokenizer
 
@@ -130,6 +149,7 @@ class Student(nn.Module):
     def __init__(self, model: PreTrainedModel, teacher_width: int, matched_states: list[int]):
         super().__init__()
         self.model = model
+        self.teacher_width = teacher_width
         d_s = width(model.config)
         self.projections = nn.ModuleDict(
             {str(s): nn.Linear(d_s, teacher_width, bias=False) for s in matched_states} if d_s != teacher_width else {}
@@ -152,7 +172,7 @@ class Student(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        if len(self.projections):
+        if width(self.model.config) != self.teacher_width:  # written even when empty: a narrow student matched to nothing
             save_file({k: m.weight.detach().contiguous().cpu() for k, m in self.projections.items()}, path / PROJECTIONS_FILE)
 
     @classmethod
@@ -167,7 +187,7 @@ class Student(nn.Module):
             except Exception as exc:  # safetensors raises its own error types
                 raise LayergeoError(f"{file} is corrupt ({exc}); re-run training to rewrite it") from None
         student = cls(model, teacher_width, sorted(int(k) for k in weights))
-        if width(model.config) != teacher_width and not weights:
+        if width(model.config) != teacher_width and not file.is_file():
             raise LayergeoError(
                 f"student in {path} is {width(model.config)} wide but the teacher is {teacher_width} and "
                 f"{PROJECTIONS_FILE} is missing; the checkpoint is incomplete"

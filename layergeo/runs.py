@@ -29,10 +29,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from layergeo.config import RunConfig, dump_yaml, load_config
+from layergeo.config import RunConfig, dump_yaml, load_config, to_dict
 from layergeo.errors import LayergeoError
 
 CONFIG, ENV, MAPPING, METRICS, RESULTS = "config.yaml", "env.json", "mapping.jsonl", "metrics.jsonl", "results.json"
+ERROR, LOCK = "error.txt", ".lock"
 
 
 def write_text(path: Path, text: str) -> None:
@@ -45,18 +46,36 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    """Strict JSON (a NaN or infinity is an error, never written as ``NaN``), atomically."""
+    write_text(path, json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
+        handle.write(json.dumps(record, default=str, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run, or one line saying that it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayergeoError(f"{path} is damaged ({exc.__class__.__name__}: {exc}); restore it or re-run what wrote it") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a last line cut short by a kill is dropped, any other bad line is an error."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise LayergeoError(f"{path} is damaged at line {number}; restore it or re-run what wrote it") from None
+    return records
 
 
 def truncate_jsonl(path: Path, keep) -> None:
@@ -65,19 +84,44 @@ def truncate_jsonl(path: Path, keep) -> None:
         write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in read_jsonl(path) if keep(r)))
 
 
+def _previous(path: Path) -> Path:
+    """Where :func:`atomic_dir` keeps the old version of ``path`` while the new one moves in."""
+    return path.with_name(f".{path.name}.previous")
+
+
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces ``path``.
+
+    The old ``path`` is first renamed aside, then the new one renamed in, then the old one removed:
+    a kill at any point leaves either the old or the new folder, or the old one aside, which
+    :func:`recover_dir` puts back.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    previous = _previous(path)
+    shutil.rmtree(previous, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(path)
+        os.replace(path, previous)
     os.replace(tmp, path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_dir(path: Path) -> None:
+    """Undo what a kill inside :func:`atomic_dir` left: restore the old folder, remove temporaries."""
+    previous = _previous(path)
+    if previous.exists():
+        if path.exists():
+            shutil.rmtree(previous)
+        else:
+            os.replace(previous, path)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RunDir:
@@ -107,7 +151,7 @@ class RunDir:
     def results(self) -> dict[str, Any]:
         if not self.finished:
             raise LayergeoError(f"run {self.path} has not finished (no {RESULTS}); finish it with layergeo train --resume")
-        return json.loads(self.results_file.read_text())
+        return read_json(self.results_file)
 
     def mappings(self) -> list[dict[str, Any]]:
         return read_jsonl(self.mapping_file)
@@ -116,23 +160,117 @@ class RunDir:
         """``teacher`` or ``student``, as recorded in env.json."""
         if not self.env_file.is_file():
             raise LayergeoError(f"{self.path} is not a layergeo run directory (no {ENV})")
-        return json.loads(self.env_file.read_text())["kind"]
+        return read_json(self.env_file)["kind"]
+
+    def tidy(self) -> None:
+        """Before resuming: put back checkpoints a kill left renamed aside, remove orphan temporaries."""
+        for name in ("init", "best", "last"):
+            recover_dir(self.checkpoint(name))
+        for name in (CONFIG, ENV, MAPPING, METRICS, RESULTS, ERROR):
+            for tmp in self.path.glob(f".{name}.*"):
+                tmp.unlink(missing_ok=True)
 
 
-def prepare_out_dir(path: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing one unless asked to resume or overwrite."""
+def check_output_path(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot become a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise LayergeoError(f"{flag} {path} is a file; give a folder")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LayergeoError(f"{flag} {path} cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LayergeoError(f"{flag} {path} cannot be written: {ancestor} is read-only; choose another folder")
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on ``<run>/.lock``, holding the writer's pid.
+
+    The kernel drops the lock when its holder dies, so a lock left by a killed process is never
+    stale. ``acquire(wait=False)`` raises a one-line LayergeoError naming the holder;
+    ``wait=True`` blocks until the holder is done. A process started by a sweep that already holds
+    the lock for it (``LAYERGEO_LOCK_HELD`` = the run's path) does not lock again.
+    """
+
+    HELD_BY_PARENT = "LAYERGEO_LOCK_HELD"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.handle = None
+
+    def holder(self) -> str:
+        try:
+            return (self.path / LOCK).read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def acquire(self, wait: bool = False) -> "RunLock":
+        import fcntl
+
+        if os.environ.get(self.HELD_BY_PARENT) == str(self.path.resolve()):
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            raise LayergeoError(f"{self.path} is being written by {self.holder()}; wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {platform.node()} since {now()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock
+            self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def has_content(path: Path) -> bool:
+    """Whether ``path`` holds anything besides a lock file."""
+    return path.is_dir() and any(p.name != LOCK for p in path.iterdir())
+
+
+def check_out_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an existing one unless asked to resume or overwrite (changes nothing)."""
     if resume and overwrite:
         raise LayergeoError("choose either --resume or --overwrite, not both")
-    if path.exists() and not path.is_dir():
-        raise LayergeoError(f"--out {path} is a file; give a directory")
+    check_output_path(path)
     if resume:
         if not (path / CONFIG).is_file():
             raise LayergeoError(f"nothing to resume in {path} (no {CONFIG}); drop --resume to start a new run")
-        return
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise LayergeoError(f"{path} is not empty; pass --resume to continue that run or --overwrite to replace it")
-        shutil.rmtree(path)
+    elif has_content(path) and not overwrite:
+        raise LayergeoError(f"{path} is not empty; pass --resume to continue that run or --overwrite to replace it")
+
+
+def clear_dir(path: Path) -> None:
+    """Remove everything in ``path`` but its lock (``--overwrite``, after the new run was validated)."""
+    for item in path.iterdir():
+        if item.name != LOCK:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
+def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose values differ, as ``key: saved -> new``."""
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    old, fresh = flat(to_dict(saved)), flat(to_dict(new))
+    return [f"{k}: {old.get(k)!r} -> {fresh.get(k)!r}" for k in sorted(set(old) | set(fresh)) if old.get(k) != fresh.get(k)]
 
 
 def write_config(run: RunDir, config: RunConfig) -> None:

@@ -47,7 +47,7 @@ import yaml
 
 from layergeo.config import RunConfig, dump_yaml, load_config, parse_yaml, preset_names
 from layergeo.errors import LayergeoError
-from layergeo.runs import RunDir, write_text
+from layergeo.runs import RunDir, RunLock, write_text
 
 GRID_KEYS = {"name", "preset", "base", "grid", "geometry"}
 
@@ -78,9 +78,13 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise LayergeoError(f"grid file {path} does not exist; see analyses/*.yaml for examples")
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise LayergeoError(f"grid file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise LayergeoError(f"grid file {path} is not UTF-8 (byte {exc.start}); save it as UTF-8 text") from None
+    if not raw:
+        raise LayergeoError(f"grid file {path} is empty; a grid names at least its axes (see analyses/*.yaml)")
     if not isinstance(raw, dict):
         raise LayergeoError(f"grid file {path} must be a mapping with keys {', '.join(sorted(GRID_KEYS))}")
     unknown = sorted(set(raw) - GRID_KEYS)
@@ -190,8 +194,8 @@ def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] 
     write_text(root / "grid.yaml", Path(grid_file).read_text())
     for key, config in teachers.items():
         _run_one("teacher", config, root / "teachers" / key, None)
-    todo = [r for r in runs if r.status != "done"]
-    print(f"sweep {grid.name}: {len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}", flush=True)
+    todo = [r for r in runs if not complete(r.out, grid.geometry)]
+    print(f"sweep {grid.name}: {len(runs) - len(todo)} of {len(runs)} runs already complete; running {len(todo)}", flush=True)
     slots = devices or ([None] if jobs <= 1 else ["cpu"] * jobs)
     if len(slots) == 1:
         for run in todo:
@@ -227,7 +231,7 @@ def submit(grid_file: str | Path, out: Path, launcher: str = "slurm", slurm: dic
         jobs = executor.map_array(_job, ["teacher"] * len(pending), [teachers[k] for k, _ in pending],
                                   [o for _, o in pending], [None] * len(pending))
         [job.result() for job in jobs]
-    todo = [r for r in runs if r.status != "done"]
+    todo = [r for r in runs if not complete(r.out, grid.geometry)]
     print(f"sweep {grid.name}: submitting {len(todo)} of {len(runs)} runs through submitit ({launcher})", flush=True)
     if todo:
         jobs = executor.map_array(_job, ["train"] * len(todo), [r.config for r in todo], [r.out for r in todo],
@@ -251,37 +255,72 @@ def _with_slot(free: list, parallel: int, run: PlannedRun, geometry: dict[str, A
         free.append(device)
 
 
+def geometry_options(geometry: dict[str, Any]) -> list:
+    """The AngleOptions of a grid's ``geometry`` section, one per checkpoint."""
+    from layergeo.analyse import AngleOptions
+
+    return [AngleOptions(checkpoint=checkpoint, max_examples=geometry.get("max_examples"), space=geometry.get("space", "student"))
+            for checkpoint in geometry.get("checkpoints", ["init", "best"])]
+
+
+def complete(out: Path, geometry: dict[str, Any] | None) -> bool:
+    """Whether the run has finished and, if the grid asks for it, has all its geometry."""
+    from layergeo.analyse import has_analysis
+
+    return RunDir(out).finished and all(has_analysis(out, options) for options in geometry_options(geometry or {}))
+
+
 def _run_one(kind: str, config: RunConfig, out: Path, device: str | None, geometry: dict[str, Any] | None = None,
              parallel: int = 1) -> None:
-    """One run in its own process (so memory is returned and a crash stays contained)."""
-    if RunDir(out).finished and not geometry:
+    """One run (here, or in its own process on ``device``), then its geometry; under the run's lock.
+
+    A run another process is writing (a second sweep of the same grid) is skipped with a note for
+    a student, waited for for a teacher (its students need it).
+    """
+    from layergeo.lifecycle import execute_run
+
+    if complete(out, geometry if kind == "train" else None):
         return
-    if not RunDir(out).finished:
-        resume = RunDir(out).config_file.is_file()
-        print(f"{'resume' if resume else 'start'} {kind} {out.name}", flush=True)
-        if device is None:  # in this process: no interpreter start-up per run
-            from layergeo.train import distil_student, fine_tune_teacher
-
-            (fine_tune_teacher if kind == "teacher" else distil_student)(copy.deepcopy(config), out, resume=resume)
-        else:
-            config_file = out.parent / f".{out.name}.config.yaml"
-            write_text(config_file, dump_yaml(config))
-            env = dict(os.environ)
-            if device == "cpu":  # share the cores between the parallel runs
-                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    lock = RunLock(out)
+    try:
+        lock.acquire(wait=kind == "teacher")
+    except LayergeoError as exc:
+        print(f"skip {out.name}: {exc}", flush=True)
+        return
+    try:
+        if not RunDir(out).finished:
+            resume = RunDir(out).config_file.is_file()
+            print(f"{'resume' if resume else 'start'} {kind} {out.name}", flush=True)
+            if device is None:  # in this process: no interpreter start-up per run
+                os.environ[RunLock.HELD_BY_PARENT] = str(out.resolve())
+                try:
+                    execute_run(kind, copy.deepcopy(config), out, resume=resume)
+                finally:
+                    os.environ.pop(RunLock.HELD_BY_PARENT, None)
             else:
-                env["CUDA_VISIBLE_DEVICES"] = str(device)
-            done = subprocess.run(_train_command(kind, config_file, out, resume), env=env)
-            config_file.unlink(missing_ok=True)
-            if done.returncode != 0:
-                raise LayergeoError(f"{kind} run {out} failed (exit {done.returncode}); fix it and re-run the sweep to resume")
-    if geometry:
-        from layergeo.analyse import AngleOptions, analyse_run
+                _run_in_process(kind, config, out, device, parallel, resume)
+        if geometry and kind == "train":
+            from layergeo.analyse import analyse_run
 
-        for checkpoint in geometry.get("checkpoints", ["init", "best"]):
-            options = AngleOptions(checkpoint=checkpoint, max_examples=geometry.get("max_examples"),
-                                   space=geometry.get("space", "student"))
-            try:
-                analyse_run(out, options, reuse=True)
-            except LayergeoError as exc:  # e.g. a narrow student without projections (strategy none)
-                print(f"no angles for {out.name}: {exc}", flush=True)
+            for options in geometry_options(geometry):
+                try:
+                    analyse_run(out, options, reuse=True)
+                except LayergeoError as exc:  # e.g. a narrow student without projections (strategy none)
+                    print(f"no angles for {out.name}: {exc}", flush=True)
+    finally:
+        lock.release()
+
+
+def _run_in_process(kind: str, config: RunConfig, out: Path, device: str, parallel: int, resume: bool) -> None:
+    """``layergeo teacher|train`` in a child process on ``device`` (the lock stays with this process)."""
+    config_file = out.parent / f".{out.name}.config.yaml"
+    write_text(config_file, dump_yaml(config))
+    env = {**os.environ, RunLock.HELD_BY_PARENT: str(out.resolve())}
+    if device == "cpu":  # share the cores between the parallel runs
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    done = subprocess.run(_train_command(kind, config_file, out, resume), env=env)
+    config_file.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise LayergeoError(f"{kind} run {out} failed (exit {done.returncode}); fix it and re-run the sweep to resume")

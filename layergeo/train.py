@@ -74,7 +74,7 @@ from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_w
 
 from layergeo import data
 from layergeo.cache import DTYPES as CACHE_DTYPES
-from layergeo.cache import TeacherCache
+from layergeo.cache import TeacherCache, teacher_digest
 from layergeo.config import OptimConfig, RunConfig
 from layergeo.errors import LayergeoError
 from layergeo.losses import hidden_matching_loss, kl_to_teacher, normalize_states
@@ -86,11 +86,15 @@ from layergeo.models import (
     embedded_teacher_path,
     load_checkpoint,
     load_pretrained,
+    require_hub,
+    student_config,
     tiny_bert_config,
     width,
 )
 from layergeo.device import step_settings
-from layergeo.runs import RunDir, append_jsonl, atomic_dir, environment, now, read_jsonl, truncate_jsonl, write_config, write_json
+from layergeo.runs import (
+    RunDir, append_jsonl, atomic_dir, environment, now, read_json, read_jsonl, truncate_jsonl, write_config, write_json,
+)
 from layergeo.strategies import Mapper, build_mapper, forward_targets
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -279,6 +283,7 @@ class Loop:
     seed: int
     mapper: Mapper | None = None
     term_weights: dict[str, float] = field(default_factory=dict)  # loss term -> alpha, for term_grad_norms
+    env: dict | None = None  # env.json of this sitting: its time is recorded with every resumable checkpoint
 
 
 def _loader(loop: Loop, epoch: int):
@@ -311,6 +316,9 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total), total)
     state = LoopState()
     last = loop.run.checkpoint("last")
+    if resume and main:
+        loop.run.tidy()
+    acc.wait_for_everyone()
     if resume and (last / "state.pt").is_file():
         saved = torch.load(last / "state.pt", map_location=loop.device, weights_only=False)
         loop.module.load_state_dict(saved["module"])
@@ -330,6 +338,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     autocast = settings.autocast(loop.device)
     sums: dict[str, torch.Tensor] = {}
     window = 0
+    finite = torch.ones((), dtype=torch.bool, device=loop.device)  # stays on the device: read with the logs
     quiet = os.environ.get("CI") == "true" or not sys.stderr.isatty() or not main
     bar = tqdm(total=total, initial=state.step, desc=loop.run.path.name, disable=quiet, dynamic_ncols=True)
     model.train()
@@ -355,10 +364,14 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                 scheduler.step()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
+                finite &= torch.isfinite(losses["loss"].detach()) & torch.isfinite(losses["grad_norm"].detach())
                 window += 1
                 state.step += 1
                 state.step_in_epoch = i + 1
                 bar.update(1)
+                evaluate_now = state.step % eval_every == 0 or state.step == total
+                if log_now or evaluate_now:  # before anything is logged or saved from this state
+                    _stop_unless_finite(finite, sums, state.step, window, acc)
                 if log_now:  # the one host synchronisation of the step, at log intervals only
                     names = [*sums, *term_norms]
                     values = torch.stack([*sums.values(), *(v.detach().float() for v in term_norms.values())])
@@ -368,7 +381,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                         append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **record})
                     bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{max(state.best_accuracy, 0):.3f}")
                     sums, window = {}, 0
-                if state.step % eval_every == 0 or state.step == total:
+                if evaluate_now:
                     metrics = evaluate(model, dev_loader, loop.device, loop.num_labels, acc)
                     if main:
                         append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "split": "dev", **metrics})
@@ -380,6 +393,9 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     else:
                         state.evals_since_best += 1
                     _save_last(last, acc, loop.module, optimizer, scheduler, state)
+                    if main and loop.env is not None:
+                        _record_sitting(loop.env)
+                        write_env(loop.run, loop.env)
                     bar.set_postfix(loss=bar.postfix, dev_acc=f"{state.best_accuracy:.3f}")
                     if optim.early_stop and state.evals_since_best >= optim.early_stop:
                         total = state.step
@@ -391,6 +407,19 @@ def fit(loop: Loop, resume: bool) -> LoopState:
             loader.end()  # unregister it from accelerate's state even when we leave it early
     bar.close()
     return state
+
+
+def _stop_unless_finite(finite: torch.Tensor, sums: dict[str, torch.Tensor], step: int, window: int, acc: Accelerator) -> None:
+    """Raise one line naming the step window and the loss terms that stopped being finite (any process)."""
+    bad = acc.reduce((~finite).float(), "sum")
+    if float(bad) == 0:
+        return
+    terms = [k for k, v in sums.items() if not torch.isfinite(acc.reduce(v.detach(), "sum"))] or ["grad_norm"]
+    first = step - window + 1
+    raise LayergeoError(
+        f"the loss stopped being finite ({', '.join(terms)} not finite within steps {first}..{step}); nothing from "
+        "those steps was saved: lower the learning rate, or check loss.temperature and the data"
+    )
 
 
 def _term_grad_norms(model: nn.Module, weights: dict[str, float], losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -455,31 +484,56 @@ def _finish(run: RunDir, env: dict, loop: Loop, state: LoopState, evaluate_best:
 
     def finish() -> dict:
         results = {**extra, "best_step": state.best_step, "steps": state.step, **evaluate_best()}
-        env["end"] = now()
-        env["wall_time_s"] = round(time.time() - env.pop("_t0"), 1)
+        _record_sitting(env, end=True)
         results["wall_time_s"] = env["wall_time_s"]
-        write_json(run.env_file, env)
+        write_env(run, env)
+        write_json(run.results_file, results)  # the run is finished from here: "last" is no longer needed
         shutil.rmtree(run.checkpoint("last"), ignore_errors=True)
-        write_json(run.results_file, results)
         return results
 
     return on_main(loop.accelerator, finish)
 
 
-def _start(run: RunDir, config: RunConfig, kind: str, device: torch.device, resume: bool, state: PartialState) -> dict:
+def _start(run: RunDir, config: RunConfig, kind: str, device: torch.device, resume: bool, state: PartialState,
+           **recorded) -> dict:
+    """env.json for this sitting: the first sitting's record, plus every earlier sitting of a resumed run.
+
+    ``sittings`` lists each sitting's start, last sign of life (``seen``), command, device, threads
+    and processes; ``wall_time_s`` is their sum, so a run resumed after a kill reports all of its time.
+    """
     env = environment(kind, str(device), config.seed)
     env["processes"] = state.num_processes
-    if resume and run.env_file.is_file():
+    env.update(recorded)
+    earlier = read_json(run.env_file).get("sittings", []) if resume and run.env_file.is_file() else []
+    env["sittings"] = earlier + [{k: env[k] for k in ("start", "command", "device", "threads", "processes")}]
+    if earlier:
         env["resumed"] = True
+        env["start"] = earlier[0]["start"]
+    env["_t0"] = time.time()
+    _record_sitting(env)
 
     def write() -> None:
         run.path.mkdir(parents=True, exist_ok=True)
         write_config(run, config)
-        write_json(run.env_file, env)
+        write_env(run, env)
 
     on_main(state, write)
-    env["_t0"] = time.time()
     return env
+
+
+def write_env(run: RunDir, env: dict) -> None:
+    write_json(run.env_file, {k: v for k, v in env.items() if not k.startswith("_")})
+
+
+def _record_sitting(env: dict, end: bool = False) -> None:
+    """Update this sitting's last sign of life and the wall time summed over all sittings."""
+    sitting = env["sittings"][-1]
+    sitting["seen"] = now()
+    sitting["wall_time_s"] = round(time.time() - env["_t0"], 1)
+    env["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in env["sittings"]), 1)
+    if end:
+        env["end"] = sitting["seen"]
+        env.pop("_t0")
 
 
 def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dict:
@@ -511,7 +565,7 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
 
     loop = Loop(run=run, accelerator=make_accelerator(device), module=model, step_losses_for=step_losses_for,
                 save_best=save_best, train_data=encoded["train"], dev_loader=dev_loader, tokenizer=tokenizer,
-                num_labels=task.num_labels, optim=config.teacher.train, device=device, seed=config.seed)
+                num_labels=task.num_labels, optim=config.teacher.train, device=device, seed=config.seed, env=env)
     loop_state = fit(loop, resume)
 
     def evaluate_best():
@@ -522,29 +576,67 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
     return _finish(run, env, loop, loop_state, evaluate_best, {"kind": "teacher", "task": task.name, "labels": list(task.label_names)})
 
 
-def teacher_depth(config: RunConfig, out: Path) -> int:
-    """Depth of the teacher a student run will use, read without loading weights."""
+def owns_teacher(config: RunConfig, out: Path) -> bool:
+    """Whether the run trains its own teacher into ``<out>/teacher`` (teacher.dir empty, or that folder)."""
+    return not config.teacher.dir or Path(config.teacher.dir).resolve() == (Path(out) / "teacher").resolve()
+
+
+def _teacher_model_config(spec: str):
+    """The config of teacher model ``spec`` (minilm, tiny-bert, a folder or a hub name), read without weights."""
+    if spec == "tiny-bert":
+        return tiny_bert_config(2, 2)
+    path = embedded_teacher_path() if spec == EMBEDDED_TEACHER else spec
+    require_hub(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise LayergeoError(f"cannot read the config of teacher model {spec!r} ({reason}); offline, use the embedded "
+                            "default 'minilm'") from None
+
+
+def teacher_model_config(config: RunConfig, out: Path):
+    """The config of the teacher a student run will use: its finished checkpoint, or the model it will fine-tune."""
     teacher_dir = teacher_run_dir(config, out)
     best = RunDir(teacher_dir).checkpoint("best")
-    if config.teacher.dir:
-        if not RunDir(teacher_dir).finished or not (best / "config.json").is_file():
-            raise LayergeoError(
-                f"teacher directory {teacher_dir} holds no finished teacher run; create it with "
-                f"layergeo teacher --out {teacher_dir}, or leave teacher.dir empty to train one"
-            )
-        return depth(AutoConfig.from_pretrained(best))
-    if config.teacher.model == "tiny-bert":
-        return depth(tiny_bert_config(2, 2))
-    spec = embedded_teacher_path() if config.teacher.model == EMBEDDED_TEACHER else config.teacher.model
-    try:
-        return depth(AutoConfig.from_pretrained(spec))
-    except OSError:
-        raise LayergeoError(f"cannot read the config of teacher model {spec!r}; offline, use the embedded default 'minilm'") from None
+    if RunDir(teacher_dir).finished and (best / "config.json").is_file():
+        try:
+            return AutoConfig.from_pretrained(best)
+        except (OSError, ValueError) as exc:
+            raise LayergeoError(f"the teacher checkpoint {best} is damaged ({exc.__class__.__name__}); restore it "
+                                "or fine-tune the teacher again") from None
+    if not owns_teacher(config, out):
+        raise LayergeoError(
+            f"teacher directory {teacher_dir} holds no finished teacher run; create it with "
+            f"layergeo teacher --out {teacher_dir}, or leave teacher.dir empty to train one"
+        )
+    return _teacher_model_config(config.teacher.model)
 
 
-def validate_student_config(config: RunConfig, out: Path) -> Mapper:
-    """Check everything that can be checked before any file is written; return the mapper."""
-    teacher_layers = teacher_depth(config, out)
+def teacher_depth(config: RunConfig, out: Path) -> int:
+    """Depth of the teacher a student run will use, read without loading weights."""
+    return depth(teacher_model_config(config, out))
+
+
+def _check_max_length(config: RunConfig, model_config) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.data.max_length > int(limit):
+        raise LayergeoError(f"data.max_length={config.data.max_length} is above the teacher's limit of {limit} "
+                            f"positions; choose data.max_length <= {limit}")
+
+
+def validate_teacher_config(config: RunConfig) -> data.TaskData:
+    """Check a teacher run before any file is written: device, processes, model, data. Returns the task."""
+    state, _ = distributed_state(config.device)
+    check_batch_size(config.teacher.train, state.num_processes, "teacher.train")
+    _check_max_length(config, _teacher_model_config(config.teacher.model))
+    return load_task(config)
+
+
+def validate_student_config(config: RunConfig, out: Path) -> tuple[Mapper, data.TaskData]:
+    """Check everything that can be checked before any file is written; return the mapper and the task."""
+    teacher_config = teacher_model_config(config, out)
+    teacher_layers = depth(teacher_config)
     if config.student.layers > teacher_layers:
         raise LayergeoError(
             f"the student ({config.student.layers} layers) is deeper than its teacher ({teacher_layers} layers); "
@@ -554,13 +646,29 @@ def validate_student_config(config: RunConfig, out: Path) -> Mapper:
     for k in config.student.copy_layers or []:
         if not 1 <= k <= teacher_layers:
             raise LayergeoError(f"student.copy_layers: teacher layer {k} is out of range 1..{teacher_layers}")
+    if config.student.copy_layers is not None and len(config.student.copy_layers) != config.student.layers:
+        raise LayergeoError(f"student.copy_layers names {len(config.student.copy_layers)} teacher layers for a "
+                            f"{config.student.layers}-layer student; give one per student layer")
+    if config.student.init == "copy" and config.student.hidden_size not in (None, width(teacher_config)):
+        raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
+    if config.student.hidden_size is not None:
+        student_config(teacher_config, config.student)  # heads must divide the width
     normalize_states(torch.zeros(1, 1), config.loss.normalize)
     if config.student.init not in ("copy", "random"):
         raise LayergeoError(f"unknown student.init {config.student.init!r}; choose 'copy' or 'random'")
-    resolve_device(config.device)
+    state, _ = distributed_state(config.device)
+    check_batch_size(student_optim(config), state.num_processes, "train")
+    if owns_teacher(config, out) and not RunDir(teacher_run_dir(config, out)).finished:
+        check_batch_size(config.teacher.train, state.num_processes, "teacher.train")
+    _check_max_length(config, teacher_config)
     if config.train.cache_dtype not in CACHE_DTYPES:
         raise LayergeoError(f"unknown train.cache_dtype {config.train.cache_dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
-    return mapper
+    labels = getattr(teacher_config, "num_labels", None) if RunDir(teacher_run_dir(config, out)).finished else None
+    task = load_task(config)
+    if labels is not None and labels != task.num_labels:
+        raise LayergeoError(f"the teacher in {teacher_run_dir(config, out)} predicts {labels} labels but {task.name} "
+                            f"has {task.num_labels}; fine-tune a teacher on this task")
+    return mapper, task
 
 
 def student_optim(config: RunConfig) -> OptimConfig:
@@ -573,15 +681,11 @@ def student_optim(config: RunConfig) -> OptimConfig:
 
 def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     """Distil a student of the teacher into the run directory ``out`` (training the teacher first if needed)."""
-    mapper = validate_student_config(config, out)
-    task = load_task(config)
+    mapper, task = validate_student_config(config, out)
     teacher_dir = teacher_run_dir(config, out)
     state, device = distributed_state(config.device)
-    check_batch_size(student_optim(config), state.num_processes, "train")
     teacher_finished = RunDir(teacher_dir).finished
-    teacher_resume = resume and (teacher_dir / "config.yaml").is_file()
-    if not teacher_finished:
-        check_batch_size(config.teacher.train, state.num_processes, "teacher.train")
+    teacher_resume = (teacher_dir / "config.yaml").is_file()  # a teacher phase this run started and did not finish
     state.wait_for_everyone()  # every process has looked at the teacher directory before the main one writes there
     if not teacher_finished:
         fine_tune_teacher(config, teacher_dir, resume=teacher_resume)
@@ -595,7 +699,7 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
             f"the teacher in {teacher_dir} predicts {teacher.config.num_labels} labels but {task.name} has "
             f"{task.num_labels}; fine-tune a teacher on this task"
         )
-    env = _start(run, config, "student", device, resume, state)
+    env = _start(run, config, "student", device, resume, state, teacher_sha256=teacher_digest(RunDir(teacher_dir).checkpoint("best")))
     copy_layers = config.student.copy_layers or forward_targets(depth(teacher.config), config.student.layers)
     student = build_student(teacher, config.student, mapper.student_states(), copy_layers)
     student.model.config.id2label, student.model.config.label2id = teacher.config.id2label, teacher.config.label2id
@@ -636,7 +740,7 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     loop = Loop(run=run, accelerator=accelerator, module=student, step_losses_for=step_losses_for,
                 save_best=lambda path: student.save(path, tokenizer), train_data=encoded["train"], dev_loader=dev_loader,
                 tokenizer=tokenizer, num_labels=task.num_labels, optim=student_optim(config), device=device,
-                seed=config.seed, mapper=mapper,
+                seed=config.seed, mapper=mapper, env=env,
                 term_weights={"ce": loss.alpha_ce, "kl": loss.alpha_kl, "hidden": loss.alpha_hidden})
     loop_state = fit(loop, resume)
 
@@ -647,7 +751,8 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
 
     extra = {"kind": "student", "task": task.name, "strategy": mapper.name, "init": config.student.init,
              "student_layers": config.student.layers, "teacher_layers": depth(teacher.config), "seed": config.seed,
-             "teacher_results": RunDir(teacher_dir).results(), "teacher_cache": env["teacher_cache"]}
+             "teacher_results": RunDir(teacher_dir).results(), "teacher_cache": env["teacher_cache"],
+             "teacher_sha256": env["teacher_sha256"]}
     return _finish(run, env, loop, loop_state, evaluate_best, extra)
 
 

@@ -38,7 +38,7 @@ def _config(teacher_dir: Path, *overrides: str):
 def _setup(teacher_dir: Path, *overrides: str):
     """What distil_student has before training: config, mapper, teacher (eval), tokenizer, train split, student."""
     config = _config(teacher_dir, *overrides)
-    mapper = train_module.validate_student_config(config, teacher_dir)
+    mapper, _ = train_module.validate_student_config(config, teacher_dir)
     task = train_module.load_task(config)
     teacher, tokenizer = load_checkpoint(RunDir(teacher_dir).checkpoint("best"))
     teacher.eval()

@@ -42,7 +42,7 @@ def test_the_bf16_autocast_step_runs_and_stays_close_to_float32(teacher_dir, str
     significant bits (relative rounding 2^-8 ~ 4e-3 per value), so every loss term must agree with
     float32 to a few percent, stay float32 (the losses upcast), and give finite gradients."""
     config = load_config(preset="tiny", overrides=[*SMALL, f"teacher.dir={teacher_dir}", f"matching.strategy={strategy}"])
-    mapper = train_module.validate_student_config(config, teacher_dir)
+    mapper, _ = train_module.validate_student_config(config, teacher_dir)
     teacher, tokenizer = load_checkpoint(RunDir(teacher_dir).checkpoint("best"))
     teacher.eval()
     encoded = train_module.encode_splits(config, train_module.load_task(config), tokenizer)["train"]
