@@ -206,3 +206,45 @@ def test_geometry_refuses_a_teacher_that_is_not_the_one_distilled_from(whole, tm
     assert main(["angles", "--run", str(out), "--max-examples", "4"]) == 2
     assert "is not the one run" in capsys.readouterr().err
     assert _tree(out) == before
+
+
+GRID = ("name: g\npreset: tiny\nbase: {train: {max_steps: 6, eval_every: 2}}\n"
+        "grid: {matching.strategy: [forward, reverse, none]}\ngeometry: {checkpoints: [best], max_examples: 8}\n")
+
+
+def _sweep(tmp_path: Path, root: Path, point: str | None = None) -> subprocess.Popen:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    argv = ["sweep", str(grid), "--out", str(root)]
+    command = [sys.executable, str(DRIVER), point, "--", *argv] if point else [sys.executable, "-m", "layergeo.cli", *argv]
+    return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _sweep_results(root: Path) -> dict[str, tuple]:
+    runs = sorted((root / "g" / "runs").iterdir())
+    return {r.name: (RunDir(r).results()["dev"], (r / "checkpoints" / "best" / "model.safetensors").read_bytes(),
+                     json.loads(next((r / "geometry").iterdir()).joinpath("summary.json").read_text())["frac_acute"])
+            for r in runs}
+
+
+def test_a_killed_sweep_and_two_sweeps_sharing_a_grid_give_the_sweep_alone(tmp_path):
+    alone = tmp_path / "alone"
+    assert _sweep(tmp_path, alone).wait(timeout=600) == 0
+    expected = _sweep_results(alone)
+    # killed inside its second student, then run again
+    killed = tmp_path / "killed"
+    assert _sweep(tmp_path, killed, "step:reverse:3").wait(timeout=600) == -9
+    assert RunDir(killed / "g" / "runs" / "forward").finished and not RunDir(killed / "g" / "runs" / "reverse").finished
+    assert _sweep(tmp_path, killed).wait(timeout=600) == 0
+    assert _sweep_results(killed) == expected
+    # two sweeps of one grid at once: each run is trained once, by one of them, and nothing is left half-written
+    shared = tmp_path / "shared"
+    first, second = _sweep(tmp_path, shared), _sweep(tmp_path, shared)
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    assert "Traceback" not in "".join(outputs)
+    started = [line.split()[-1] for out in outputs for line in out.splitlines() if line.startswith("start train")]
+    assert sorted(started) == ["forward", "none", "reverse"]
+    assert _sweep_results(shared) == expected
+    leftovers = [p for p in shared.rglob(".*") if p.name != ".lock"]
+    assert not leftovers
