@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from layergeo import plots
 from layergeo.collect import LoadedRun, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
+from layergeo.progress import progress_bar
 from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, update_angles
 from layergeo.data import read_texts_file
 from layergeo.runs import RunDir, atomic_dir, check_output_path, has_content, write_json, write_text
@@ -172,11 +171,12 @@ def analyse_run(path: str | Path, options: AngleOptions, out: Path | None = None
         raise LayergeoError(f"no examples to analyse in {source}")
     geometry = RunGeometry(loaded, options)
     n_tokens = 0
-    quiet = os.environ.get("CI") == "true" or not sys.stderr.isatty()
-    for teacher, student in tqdm(hidden_states(loaded, loader, device), total=len(loader), disable=quiet,
-                                 desc=f"angles {loaded.run.path.name}", dynamic_ncols=True):
+    bar = progress_bar(len(loader), f"angles {loaded.run.path.name} ({options.checkpoint})", unit="batch")
+    for teacher, student in hidden_states(loaded, loader, device):
         geometry.update(teacher, student)
         n_tokens += teacher.shape[0]
+        bar.update(1)
+    bar.close()
     with atomic_dir(out) as tmp:  # the folder appears complete, or not at all
         _write(tmp, geometry, options, n_examples, n_tokens, source)
     return out
@@ -285,11 +285,61 @@ def expand_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str], out: Path) -> pd.DataFrame:
-    """Analyse every run (reusing finished analyses) and write one tidy table and faceted figures."""
+SETTING_KEYS = ("teacher", "train_examples", "steps", "lr", "student_layers", "student_width", "loss")
+
+
+def run_setting(path: Path) -> dict:
+    """What runs pooled into one strategy column must share besides their seed: teacher, data, budget, student, loss."""
+    run = RunDir(path)
+    config = run.config()
+    results = run.results() if run.finished else {}
+    loss = config.loss
+    lr = config.train.random_init_lr if config.student.init == "random" and config.train.random_init_lr else config.train.lr
+    return {
+        "task": config.data.task, "strategy": config.matching.strategy, "init": config.student.init,
+        "teacher": (results.get("teacher_sha256") or str(config.teacher.dir))[:12],
+        "train_examples": config.data.max_train or "all", "steps": results.get("steps"), "lr": lr,
+        "student_layers": config.student.layers, "student_width": config.student.hidden_size or "teacher's",
+        "loss": f"ce {loss.alpha_ce}, kl {loss.alpha_kl} (T {loss.temperature}), hidden {loss.alpha_hidden} ({loss.normalize})",
+    }
+
+
+def pooled_settings(runs: list[Path], strict: bool) -> tuple[pd.DataFrame, str]:
+    """The setting of every run and one line saying what is pooled; with ``strict``, refuse unlike runs in one column.
+
+    Runs of one task, strategy and init are drawn as one column of a comparison: they must differ only by seed.
+    """
+    table = pd.DataFrame([{"run": p.name, **run_setting(p)} for p in runs])
+    column = ["task", "strategy", "init"]
+    for key in SETTING_KEYS:
+        mixed = table.groupby(column)[key].nunique(dropna=False)
+        mixed = mixed[mixed > 1]
+        if strict and len(mixed):
+            task, strategy, init = mixed.index[0]
+            values = ", ".join(map(str, table[(table.task == task) & (table.strategy == strategy) & (table.init == init)][key].unique()))
+            raise LayergeoError(f"the runs to compare mix settings: {strategy} ({init}) runs on {task} differ in {key} "
+                                f"({values}); compare one setting at a time, e.g. the runs of one sweep")
+    parts = [f"{len(table)} runs"] + [
+        f"{key.replace('_', ' ')}: " + ", ".join(f"{v} ({n})" for v, n in table[key].astype(str).value_counts().items())
+        for key in ("task", *SETTING_KEYS)
+    ]
+    return table, "; ".join(parts)
+
+
+def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str], out: Path,
+                 strict: bool = True) -> pd.DataFrame:
+    """Analyse every run (reusing finished analyses) and write one tidy table and faceted figures.
+
+    ``strict``: refuse runs that would be pooled into one strategy column but differ in more than their
+    seed (see :func:`pooled_settings`); either way ``out/pooled.csv`` lists every run's setting.
+    """
     check_output_path(out)
+    runs = expand_runs(paths)
+    settings, pooled = pooled_settings(runs, strict)
+    print(f"comparing {pooled}", flush=True)
     frames, summaries = [], []
-    for path in expand_runs(paths):
+    for number, path in enumerate(runs, 1):
+        print(f"[{number}/{len(runs)}] {path.name}", flush=True)
         for checkpoint in checkpoints:
             try:
                 folder = analyse_run(path, AngleOptions(**{**asdict(options), "checkpoint": checkpoint}), reuse=True)
@@ -314,6 +364,7 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "angles_all.csv", tidy.to_csv(index=False))
     write_text(out / "acute_summary.csv", table.to_csv(index=False))
+    write_text(out / "pooled.csv", settings.to_csv(index=False))
     plots.save_figure(plots.comparison_grid(tidy, "frac_acute"), out / "angles_by_strategy")
     plots.save_figure(plots.acute_fraction_points(table), out / "acute_fraction_by_strategy")
     return table

@@ -69,11 +69,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from layergeo import data
 from layergeo.device import precision, step_settings
 from layergeo.errors import LayergeoError
+from layergeo.progress import progress_bar
 from layergeo.runs import now, write_json
 
 FORMAT = 1
@@ -340,10 +340,11 @@ def _run_teacher(
     was_training = teacher.training
     teacher.eval()
     loader = data.make_loader(encoded, tokenizer, batch_size, shuffle=False, seed=0)
-    quiet = os.environ.get("CI") == "true" or not os.isatty(2)
+    bar = progress_bar(len(loader), "teacher cache", unit="batch")
     try:
         with torch.inference_mode(), step_settings(device).autocast(device):
-            for batch in tqdm(loader, desc="teacher cache", disable=quiet, dynamic_ncols=True, leave=False):
+            for batch in loader:
+                bar.update(1)
                 idx = batch["index"].numpy()
                 first, last = int(idx[0]), int(idx[-1])
                 if not np.array_equal(idx, np.arange(first, last + 1)):
@@ -360,6 +361,7 @@ def _run_teacher(
                     for t, sink in state_sinks.items():
                         sink[start:end] = out.hidden_states[t][keep].float().cpu().numpy()
     finally:
+        bar.close()
         teacher.train(was_training)
 
 

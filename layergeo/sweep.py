@@ -38,6 +38,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ import yaml
 
 from layergeo.config import RunConfig, dump_yaml, load_config, parse_yaml, preset_names
 from layergeo.errors import LayergeoError
+from layergeo.progress import eta
 from layergeo.runs import RunDir, RunLock, write_text
 
 GRID_KEYS = {"name", "preset", "base", "grid", "geometry"}
@@ -197,14 +200,30 @@ def execute(grid_file: str | Path, out: Path, jobs: int = 1, devices: list[str] 
     todo = [r for r in runs if not complete(r.out, grid.geometry)]
     print(f"sweep {grid.name}: {len(runs) - len(todo)} of {len(runs)} runs already complete; running {len(todo)}", flush=True)
     slots = devices or ([None] if jobs <= 1 else ["cpu"] * jobs)
+    progress = SweepProgress(len(todo))
     if len(slots) == 1:
         for run in todo:
-            _run_one("train", run.config, run.out, slots[0], grid.geometry)
+            _run_one("train", run.config, run.out, slots[0], grid.geometry, progress=progress)
     else:
         free = list(slots)
         with ThreadPoolExecutor(len(slots)) as pool:
-            list(pool.map(lambda r: _with_slot(free, len(slots), r, grid.geometry), todo))
+            list(pool.map(lambda r: _with_slot(free, len(slots), r, grid.geometry, progress), todo))
     return runs
+
+
+class SweepProgress:
+    """One line per run started or ended: ``[3/24 done, 9 min, ~63 min left] start train NAME``."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+        self.lock = threading.Lock()
+
+    def say(self, text: str, finished: bool = False) -> None:
+        with self.lock:
+            self.done += finished
+            elapsed = time.monotonic() - self.t0
+            print(f"[{self.done}/{self.total} done, {elapsed / 60:.0f} min{eta(self.done, self.total, elapsed)}] {text}",
+                  flush=True)
 
 
 def submit(grid_file: str | Path, out: Path, launcher: str = "slurm", slurm: dict[str, Any] | None = None,
@@ -247,10 +266,10 @@ def _job(kind: str, config: RunConfig, out: Path, geometry: dict[str, Any] | Non
     return str(out)
 
 
-def _with_slot(free: list, parallel: int, run: PlannedRun, geometry: dict[str, Any]) -> None:
+def _with_slot(free: list, parallel: int, run: PlannedRun, geometry: dict[str, Any], progress: SweepProgress) -> None:
     device = free.pop()
     try:
-        _run_one("train", run.config, run.out, device, geometry, parallel=parallel)
+        _run_one("train", run.config, run.out, device, geometry, parallel=parallel, progress=progress)
     finally:
         free.append(device)
 
@@ -271,7 +290,7 @@ def complete(out: Path, geometry: dict[str, Any] | None) -> bool:
 
 
 def _run_one(kind: str, config: RunConfig, out: Path, device: str | None, geometry: dict[str, Any] | None = None,
-             parallel: int = 1) -> None:
+             parallel: int = 1, progress: SweepProgress | None = None) -> None:
     """One run (here, or in its own process on ``device``), then its geometry; under the run's lock.
 
     A run another process is writing (a second sweep of the same grid) is skipped with a note for
@@ -281,16 +300,17 @@ def _run_one(kind: str, config: RunConfig, out: Path, device: str | None, geomet
 
     if complete(out, geometry if kind == "train" else None):
         return
+    say = progress.say if progress is not None else lambda text, finished=False: print(text, flush=True)
     lock = RunLock(out)
     try:
         lock.acquire(wait=kind == "teacher")
     except LayergeoError as exc:
-        print(f"skip {out.name}: {exc}", flush=True)
+        say(f"skip {out.name}: {exc}")
         return
     try:
         if not RunDir(out).finished:
             resume = RunDir(out).config_file.is_file()
-            print(f"{'resume' if resume else 'start'} {kind} {out.name}", flush=True)
+            say(f"{'resume' if resume else 'start'} {kind} {out.name}")
             if device is None:  # in this process: no interpreter start-up per run
                 os.environ[RunLock.HELD_BY_PARENT] = str(out.resolve())
                 try:
@@ -307,6 +327,8 @@ def _run_one(kind: str, config: RunConfig, out: Path, device: str | None, geomet
                     analyse_run(out, options, reuse=True)
                 except LayergeoError as exc:  # e.g. a narrow student without projections (strategy none)
                     print(f"no angles for {out.name}: {exc}", flush=True)
+        if progress is not None:
+            say(f"finished {kind} {out.name}", finished=True)
     finally:
         lock.release()
 

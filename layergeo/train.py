@@ -49,7 +49,6 @@ import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +68,6 @@ from accelerate.utils import (
 )
 from sklearn.metrics import f1_score
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_warmup, set_seed
 
 from layergeo import data
@@ -92,6 +90,7 @@ from layergeo.models import (
     width,
 )
 from layergeo.device import step_settings
+from layergeo.progress import progress_bar
 from layergeo.runs import (
     RunDir, append_jsonl, atomic_dir, environment, now, read_json, read_jsonl, truncate_jsonl, write_config, write_json,
 )
@@ -339,8 +338,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     sums: dict[str, torch.Tensor] = {}
     window = 0
     finite = torch.ones((), dtype=torch.bool, device=loop.device)  # stays on the device: read with the logs
-    quiet = os.environ.get("CI") == "true" or not sys.stderr.isatty() or not main
-    bar = tqdm(total=total, initial=state.step, desc=loop.run.path.name, disable=quiet, dynamic_ncols=True)
+    bar = progress_bar(total, loop.run.path.name, initial=state.step, enabled=main)
     model.train()
     while state.step < total:
         # the same batches, in the same order, as one process; each process gets its slice of each
@@ -379,7 +377,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     record = {k: v / window if k in sums else v for k, v in zip(names, values)}
                     if main:
                         append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **record})
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", dev_acc=f"{max(state.best_accuracy, 0):.3f}")
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", best_dev_acc=f"{max(state.best_accuracy, 0):.3f}")
                     sums, window = {}, 0
                 if evaluate_now:
                     metrics = evaluate(model, dev_loader, loop.device, loop.num_labels, acc)
@@ -396,7 +394,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     if main and loop.env is not None:
                         _record_sitting(loop.env)
                         write_env(loop.run, loop.env)
-                    bar.set_postfix(loss=bar.postfix, dev_acc=f"{state.best_accuracy:.3f}")
+                    bar.set_postfix(best_dev_acc=f"{state.best_accuracy:.3f}")
                     if optim.early_stop and state.evals_since_best >= optim.early_stop:
                         total = state.step
                 if state.step >= total:

@@ -29,20 +29,22 @@ def install(point: str) -> None:
         import layergeo.train as train
 
         name, _, count = rest.rpartition(":")
-        base = train.tqdm
+        make_bar = train.progress_bar
 
-        class KillingBar(base):
-            def __init__(self, *args, desc=None, initial=0, **kwargs):
-                super().__init__(*args, desc=desc, initial=initial, **kwargs)
-                self.run_name, self.steps = desc, initial  # a disabled bar (no terminal) counts nothing itself
+        def killing_bar(total, desc, initial=0, **kwargs):
+            bar = make_bar(total, desc, initial=initial, **kwargs)
+            update, steps = bar.update, [initial]
 
-            def update(self, n=1):
-                super().update(n)
-                self.steps += n
-                if self.run_name == name and self.steps >= int(count):
+            def counted(n=1):
+                update(n)
+                steps[0] += n
+                if desc == name and steps[0] >= int(count):
                     _kill()
 
-        train.tqdm = KillingBar
+            bar.update = counted
+            return bar
+
+        train.progress_bar = killing_bar
         return
     import layergeo.runs as runs
 

@@ -159,6 +159,22 @@ def test_compare_runs_writes_a_tidy_table(runs, tmp_path):
     assert (out / "angles_by_strategy.png").is_file() and (out / "acute_fraction_by_strategy.pdf").is_file()
 
 
+def test_a_comparison_refuses_to_pool_unlike_runs_and_says_what_it_pooled(runs, tmp_path, capsys):
+    short = tmp_path / "runs" / "forward-short"
+    assert main(["train", "--preset", "tiny", "--set", f"teacher.dir={runs['forward'] / 'teacher'}",
+                 "--set", "train.max_steps=3", "--out", str(short)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert _angles("--runs", str(runs["forward"]), str(short), "--max-examples", "8", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "forward (copy) runs on rotten_tomatoes differ in steps (8, 3)" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert _angles("--runs", str(runs["forward"]), str(runs["reverse"]), "--max-examples", "8", "--out", str(out)) == 0
+    assert "comparing 2 runs; task: rotten_tomatoes (2)" in capsys.readouterr().out
+    pooled = pd.read_csv(out / "pooled.csv")
+    assert list(pooled.run) == ["forward", "reverse"] and set(pooled.steps) == {8}
+
+
 @pytest.fixture
 def broken(runs, tmp_path) -> Path:
     copy = tmp_path / "broken"

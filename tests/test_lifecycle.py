@@ -243,7 +243,7 @@ def test_a_killed_sweep_and_two_sweeps_sharing_a_grid_give_the_sweep_alone(tmp_p
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], outputs
     assert "Traceback" not in "".join(outputs)
-    started = [line.split()[-1] for out in outputs for line in out.splitlines() if line.startswith("start train")]
+    started = [line.split()[-1] for out in outputs for line in out.splitlines() if "] start train " in line]
     assert sorted(started) == ["forward", "none", "reverse"]
     assert _sweep_results(shared) == expected
     leftovers = [p for p in shared.rglob(".*") if p.name != ".lock"]
