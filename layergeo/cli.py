@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--epoch", type=int, default=0, help="rail: the epoch whose draw to show")
     mapping.add_argument("--format", choices=["table", "json"], default="table")
     for name, extras in (("angles", "the angles"), ("geometry", "angles, distances, the distance ratio, "
-                                                               "debiased linear CKA and the structured cosine")):
+                                                               "debiased linear CKA and the structured cosine of layer transitions (transition_cosine.*)")):
         cmd = sub.add_parser(name, help=f"measure {extras} of the teacher's layers seen from the student",
                              epilog=EXAMPLES[name], formatter_class=fmt,
                              description=f"Run the teacher and the student of a run over texts and measure {extras}, "
@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default); teacher: T_i - W S_l")
         cmd.add_argument("--split", default="dev", help="dataset split of the run to use (default dev)")
         cmd.add_argument("--texts", metavar="FILE", help="your own sentences, one per line, instead of a split")
-        cmd.add_argument("--max-examples", type=int, metavar="N", help="analyse at most N examples")
+        cmd.add_argument("--max-examples", type=int, metavar="N",
+                         help="analyse at most N examples (default: every example of the split or file; the run's "
+                              "dev accuracy uses its data.max_eval cap, recorded beside it in summary.json)")
         cmd.add_argument("--max-length", type=int, metavar="N",
                          help="truncate at N tokens (default: the run's data.max_length; for --texts the model maximum)")
         cmd.add_argument("--bins", type=int, default=200, help="histogram bins on [-1, 1] (default 200)")
@@ -180,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "then the report, the figures and the verdict. Resumable: run it again after an interruption.")
     reproduce.add_argument("--full", action="store_true", help="3 seeds on both embedded datasets (Rotten Tomatoes and BBC News): the committed results")
     reproduce.add_argument("--out", default="runs", metavar="DIR", help="parent folder (default: runs)")
-    reproduce.add_argument("--jobs", type=int, default=1)
-    reproduce.add_argument("--devices")
+    reproduce.add_argument("--jobs", type=int, default=1, help="runs at a time on the CPU (default 1; --jobs 2 on "
+                           "2 cores gives the committed numbers exactly, each run on one thread)")
+    reproduce.add_argument("--devices", help="comma-separated GPU ids: one run per GPU at a time, e.g. 0,1")
     return parser
 
 
@@ -342,8 +345,8 @@ def run_training(args: argparse.Namespace) -> int:
     if not PartialState().is_main_process:  # one of several launched processes: the main one reports
         return 0
     dev, test = results["dev"], results["test"]
-    print(f"{args.command} run written to {out}: dev accuracy {dev['accuracy']:.4f}, test accuracy {test['accuracy']:.4f}, "
-          f"{results['steps']} steps in {results['wall_time_s']:.0f} s")
+    print(f"{args.command} run written to {out}: dev accuracy {100 * dev['accuracy']:.1f}%, test accuracy "
+          f"{100 * test['accuracy']:.1f}%, {results['steps']} steps in {results['wall_time_s']:.0f} s")
     return 0
 
 

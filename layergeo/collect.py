@@ -148,4 +148,5 @@ def describe(loaded: LoadedRun) -> dict:
         "checkpoint": loaded.checkpoint,
         "task": loaded.config.data.task,
         "dev_accuracy": results.get("dev", {}).get("accuracy"),
+        "dev_accuracy_n_examples": results.get("dev", {}).get("n"),  # the run's data.max_eval cap, not the angles' examples
     }
