@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +178,16 @@ def _panel_inches(n_teachers: int) -> float:
     return min(max(per_cell * n_teachers + 0.8, 2.4), 4.0)
 
 
+def _heatmap(*args, **kwargs) -> None:
+    """``sns.heatmap`` without seaborn 0.13's PendingDeprecationWarning about matplotlib's ``set_bad`` (seaborn's own call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
+        sns.heatmap(*args, **kwargs)
+
+
 def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], scale: ValueScale) -> QuadMesh:
     labels = [f"T{t}" for t in teachers]
-    sns.heatmap(
+    _heatmap(
         matrix,
         ax=ax,
         mask=np.isnan(matrix),
@@ -326,7 +334,7 @@ def matrix_heatmap(
         figsize=(min(max(cell * cols + 2.2, 4.0), 14.0), min(max(cell * rows + 1.4, 2.8), 11.0)),
         layout="constrained",
     )
-    sns.heatmap(
+    _heatmap(
         matrix,
         ax=ax,
         mask=blank,
