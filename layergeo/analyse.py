@@ -193,7 +193,9 @@ def _matches(out: Path, options: AngleOptions, run: RunDir) -> bool:
     if not summary.is_file() or not run.finished or summary.stat().st_mtime < run.results_file.stat().st_mtime:
         return False
     recorded = json.loads(summary.read_text()).get("options", {})
-    return recorded == {**asdict(options), "device": recorded.get("device")} and (not options.extras or (out / "cka.csv").is_file())
+    # an analysis with the extras (geometry) also answers a request without them (angles): same folder, a superset
+    same = recorded == {**asdict(options), "device": recorded.get("device"), "extras": recorded.get("extras")}
+    return same and (recorded.get("extras") or not options.extras) and (not options.extras or (out / "cka.csv").is_file())
 
 
 def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: int, n_tokens: int, source: str) -> None:

@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from layergeo.errors import LayergeoError
 
@@ -61,8 +62,9 @@ TERM_LABELS = {
 
 _COLORBLIND = sns.color_palette("colorblind").as_hex()
 STRATEGY_PALETTE = dict(zip(STRATEGY_ORDER, [_COLORBLIND[i] for i in (7, 0, 1, 2, 3, 4, 5)]))  # "none" is grey
-CHECKPOINT_PALETTE = {"init": "#949494", "best": "#222222"}
-INIT_PALETTE = {"copy": "#222222", "random": "#949494"}
+CHECKPOINT_PALETTE = {"init": _COLORBLIND[0], "best": _COLORBLIND[3]}
+INIT_PALETTE = {"copy": _COLORBLIND[0], "random": _COLORBLIND[1]}
+LEVEL_MARKERS = ("o", "D", "s", "^", "v", "P")  # hue levels of a dot plot differ by marker as well as colour
 _EXTRA_COLORS = [_COLORBLIND[i] for i in (9, 6, 8)]  # for strategies or levels outside the palettes
 
 PNG_DPI = 150
@@ -330,10 +332,8 @@ def matrix_heatmap(
         raise LayergeoError("matrix heatmap: the matrix has no finite value, there is nothing to plot")
     annotate = max(rows, cols) <= MAX_ANNOTATED_MATRIX
     cell = 0.5 if annotate else 0.3
-    fig, ax = plt.subplots(
-        figsize=(min(max(cell * cols + 2.2, 4.0), 14.0), min(max(cell * rows + 1.4, 2.8), 11.0)),
-        layout="constrained",
-    )
+    width = min(max(cell * cols + 2.2, 4.0), 14.0)
+    fig, ax = plt.subplots(figsize=(width, min(max(cell * rows + 1.4, 2.8), 11.0)), layout="constrained")
     _heatmap(
         matrix,
         ax=ax,
@@ -352,7 +352,7 @@ def matrix_heatmap(
     long_labels = max(len(str(label)) for label in col_labels) > 4
     ax.tick_params(axis="x", labelrotation=45 if long_labels else 0, length=0)
     ax.tick_params(axis="y", labelrotation=0, length=0)
-    ax.set_title(title)
+    fig.suptitle(textwrap.fill(title, max(24, int(width * 7))), fontsize="medium")  # wrapped to the figure: never clipped
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return fig
@@ -433,7 +433,7 @@ def _dot_panel(
     spread "range": the bar spans min to max; "std": mean +- standard deviation.
     """
     offsets = (np.arange(len(levels)) - (len(levels) - 1) / 2) * (0.6 / len(levels))
-    for offset, level in zip(offsets, levels):
+    for offset, level, marker in zip(offsets, levels, LEVEL_MARKERS * len(levels)):
         for x, strategy in enumerate(strategies):
             values = frame.loc[(frame["strategy"] == strategy) & (frame[hue] == level), value].dropna().to_numpy()
             if len(values) == 0:
@@ -445,10 +445,11 @@ def _dot_panel(
                 std = values.std(ddof=1) if len(values) > 1 else 0.0
                 bar = [[std], [std]]
             jitter = np.linspace(-0.05, 0.05, len(values)) if len(values) > 1 else np.zeros(1)
-            ax.scatter(x + offset + jitter, values, s=16, color=colors[level], alpha=0.55, linewidths=0, zorder=2)
+            ax.scatter(x + offset + jitter, values, s=14, color=colors[level], alpha=0.45, linewidths=0, zorder=2,
+                       clip_on=False)
             ax.errorbar(
-                x + offset, mean, yerr=bar, fmt="D", ms=5.5, color=colors[level], mec="white", mew=0.7,
-                capsize=3, lw=1.3, zorder=3,
+                x + offset, mean, yerr=bar, fmt=marker, ms=6, color=colors[level], mec="white", mew=0.7,
+                capsize=3, lw=1.3, zorder=3, clip_on=False,
             )
     ax.set_xticks(range(len(strategies)))
     ax.set_xticklabels([textwrap.fill(strategy_label(s), 14, break_on_hyphens=False) for s in strategies])
@@ -459,11 +460,11 @@ def _dot_panel(
 
 def _dot_legend(ax: plt.Axes, levels: list[Any], colors: Mapping[Any, str], labels: Mapping[Any, str],
                 title: str, spread_label: str) -> None:
-    handles = [Line2D([], [], ls="", marker="D", ms=5.5, color=colors[level], label=labels.get(level, level))
-               for level in levels]
+    handles = [Line2D([], [], ls="", marker=marker, ms=6, color=colors[level], label=f"{labels.get(level, level)}: mean")
+               for level, marker in zip(levels, LEVEL_MARKERS * len(levels))]
     handles += [
-        Line2D([], [], ls="", marker="o", ms=4, color="0.5", alpha=0.55, label="One run"),
-        Line2D([], [], ls="", marker="D", ms=5.5, color="0.5", label=spread_label),
+        Line2D([], [], ls="", marker="o", ms=3.5, color="0.45", alpha=0.45, label="Small dot: one run"),
+        Line2D([], [], ls="-", lw=1.3, color="0.45", label=spread_label),
     ]
     ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
 
@@ -491,11 +492,15 @@ def acute_fraction_points(summary: pd.DataFrame) -> Figure:
     for ax, init in zip(axes[0], inits):
         _dot_panel(ax, summary[summary["init"] == init], "frac_acute", strategies, "checkpoint",
                    checkpoints, colors, spread="range")
-        ax.axhline(0.5, ls="--", lw=1, color="0.6", zorder=0)
-        ax.set_ylim(0, 1)
         ax.set_title(INIT_LABELS.get(init, init))
+    low, high = float(summary["frac_acute"].min()), float(summary["frac_acute"].max())
+    pad = max(0.02, 0.08 * (high - low))  # room for markers at 1.0; the axis spans the data, not all of 0..1
+    axes[0, 0].set_ylim(max(0.0, low - pad), min(1.0, high) + pad)
+    if low - pad < 0.5:
+        for ax in axes[0]:
+            ax.axhline(0.5, ls="--", lw=1, color="0.6", zorder=0)
     axes[0, 0].set_ylabel("Fraction of acute angles")
-    _dot_legend(axes[0, -1], checkpoints, colors, CHECKPOINT_LABELS, "Student", "Mean, bar: min–max")
+    _dot_legend(axes[0, -1], checkpoints, colors, CHECKPOINT_LABELS, "Student", "Bar: lowest to highest run")
     return fig
 
 
@@ -519,7 +524,7 @@ def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
         _dot_panel(ax, results[results["task"] == task], "value", strategies, "init", inits, colors, spread="std")
         ax.set_title(task_label(task))
         ax.set_ylabel(metric_label)
-    _dot_legend(axes[0, -1], inits, colors, INIT_LABELS, "Student init", "Mean ± std")
+    _dot_legend(axes[0, -1], inits, colors, INIT_LABELS, "Student init", "Bar: ± one std over seeds")
     return fig
 
 
@@ -528,7 +533,7 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
     """Training curves: one panel per term (ce, kl, hidden, grad_norm, ...), one line per strategy.
 
     Columns: strategy, step, term, value; repeated (strategy, step, term) rows (seeds) are
-    averaged. Panels whose values are all positive use a log y axis.
+    averaged. Panels whose values are all positive and span more than a decade use a log y axis.
     """
     _require(metrics, ["strategy", "step", "term", "value"], "loss curves")
     curves = (
@@ -544,20 +549,28 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
         nrows, ncols, figsize=(3.3 * ncols + 2.0, 2.6 * nrows + (0.4 if title else 0.1)),
         squeeze=False, layout="constrained",
     )
-    for ax in axes.flat[len(terms):]:
-        ax.remove()
+    spare = list(axes.flat[len(terms):])
+    for ax in spare:
+        ax.axis("off")
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     for ax, term in zip(axes.flat, terms):
         panel = curves[curves["term"] == term]
         for strategy in sort_strategies(panel["strategy"].unique()):
             line = panel[panel["strategy"] == strategy]
             ax.plot(line["step"], line["value"], color=colors[strategy], lw=1.3)
-        if (panel["value"] > 0).all():
-            ax.set_yscale("log")
+        if (panel["value"] > 0).all() and panel["value"].max() > 10 * panel["value"].min():
+            ax.set_yscale("log")  # only where the term spans more than a decade
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(TERM_LABELS.get(term, term))
         ax.set_xlabel("Training step")
         sns.despine(ax=ax)
     handles = [Line2D([], [], color=colors[s], lw=1.6, label=strategy_label(s)) for s in strategies]
-    fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
+    if spare:  # in the grid's empty cell, clear of the title
+        spare[0].legend(handles=handles, title="Strategy", loc="center", frameon=False)
+    else:
+        fig.legend(handles=handles, title="Strategy", loc="outside right center", frameon=False)
     if title:
         fig.suptitle(title)
     return fig
