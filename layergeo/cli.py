@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from layergeo.errors import LayergeoError
@@ -164,12 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     verdict = sub.add_parser("verdict", help="the paper's three claims answered with intervals and tests",
                              epilog=EXAMPLES["verdict"], formatter_class=fmt,
-                             description="(a) does every matching strategy beat none (paired differences, bootstrap "
-                             "95%% CI over seeds)? (b) is the spread between strategies more than seed noise "
-                             "(permutation test)? (c) how acute are the angles untrained vs trained, and does the "
-                             "trained fraction, or the trained Thales ratio (distance from a teacher pair's midpoint "
-                             "over half the pair's distance), predict the metric (Spearman)? Reads a sweep after `layergeo figures`, "
-                             "or the two saved tables. Writes claim_a/b/c CSVs, verdict.md and verdict.png/.pdf.")
+                             description=textwrap.fill("(a) does every matching strategy beat none (paired differences on the same "
+                             "seeds, paired t-test Holm-corrected over the table, better/worse only when the Holm "
+                             "interval excludes 0, no call below 3 seeds)? (b) do the matching strategies differ by more "
+                             "than seed noise (within-seed permutation test of the spread and Friedman's test, seeds as "
+                             "blocks; the spread with a seed-bootstrap interval)? (c) how acute are the angles untrained "
+                             "vs trained, and does the trained fraction, or the trained Thales ratio (distance from a "
+                             "teacher pair's midpoint over half the pair's distance), predict the metric (Spearman)? "
+                             "Reads a sweep after `layergeo figures`, or the two saved tables. Writes claim_a/b/c CSVs, "
+                             "verdict.md and verdict.png/.pdf.", 100))
     verdict.add_argument("runs_dir", metavar="RUNS_DIR", nargs="?", help="a sweep folder (with figures/acute_summary.csv)")
     verdict.add_argument("--results", metavar="CSV", help="instead of RUNS_DIR: a saved report/results_all.csv ...")
     verdict.add_argument("--acute", metavar="CSV", help="... and its figures/acute_summary.csv")
@@ -256,29 +260,15 @@ def run_figures(args: argparse.Namespace) -> int:
 
 
 def run_verdict(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from layergeo.verdict import verdict_from_sweep, write_verdict
-
     from layergeo.runs import check_output_path
+    from layergeo.verdict import read_table, verdict_from_sweep, write_verdict
 
     if args.out:
         check_output_path(Path(args.out))
     if args.runs_dir and not (args.results or args.acute):
         out = verdict_from_sweep(Path(args.runs_dir), Path(args.out) if args.out else None, args.metric)
     elif args.results and args.acute and args.out and not args.runs_dir:
-        tables = {}
-        for name in ("results", "acute"):
-            path = Path(getattr(args, name))
-            if not path.is_file():
-                what = "is a folder" if path.is_dir() else "does not exist"
-                raise LayergeoError(f"--{name} {path} {what}; give the CSV written by layergeo report/figures")
-            try:
-                tables[name] = pd.read_csv(path)
-            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
-                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise LayergeoError(f"--{name} {path} cannot be read as a CSV ({reason}); give the file written by "
-                                    "layergeo report/figures") from None
+        tables = {name: read_table(Path(getattr(args, name)), f"--{name}") for name in ("results", "acute")}
         out = write_verdict(tables["results"], tables["acute"], Path(args.out), args.metric)
     else:
         raise LayergeoError("give either RUNS_DIR, or --results CSV --acute CSV --out DIR")

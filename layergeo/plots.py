@@ -584,13 +584,14 @@ VERDICT_GEOMETRY = {"frac_acute": ("acute", "Fraction of acute angles, trained",
 @_themed
 def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFrame, trained: pd.DataFrame,
                    metric: str) -> Figure:
-    """The three claims, one row per (task, init): (a) difference to None with its CI per strategy,
-    (b) the metric per strategy (seeds as dots) with the spread and its permutation p, (c) the
+    """The three claims, one row per (task, init): (a) difference to None with its (Holm) interval per
+    strategy, (b) the metric per strategy (seeds as dots) with the spread, its within-seed permutation p
+    and Friedman's p, (c) the
     trained fraction of acute angles (and the trained Thales ratio, when given) against the metric,
     one dot per student.
 
-    diffs: task, init, strategy, mean_diff, ci_low, ci_high; spreads: task, init, spread,
-    p_permutation; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_...];
+    diffs: task, init, strategy, mean_diff, ci_low, ci_high [, ci_level]; spreads: task, init, spread,
+    p_permutation [, friedman_p]; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_...];
     trained: task, init, strategy, frac_acute [, thales_ratio], <metric> (one row per trained student).
     """
     _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
@@ -616,12 +617,20 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         row[0].set_xticklabels([textwrap.fill(strategy_label(s), 14, break_on_hyphens=False) for s in matching])
         row[0].set_xlim(-0.5, len(matching) - 0.5)
         row[0].set_ylabel("Difference to None (points)")
-        row[0].set_title(f"(a) {name}", loc="left")
+        levels = sorted(set(diff.ci_level.dropna().round(6))) if "ci_level" in diff else []
+        interval = (f"Holm {100 * levels[0]:.4g}% t intervals" if len(levels) == 1 else
+                    f"Holm {100 * levels[0]:.4g}–{100 * levels[-1]:.4g}% t intervals" if levels else "no interval (too few seeds)")
+        row[0].set_title(f"(a) {name}: {interval}", loc="left")
         sns.despine(ax=row[0])
         runs = trained[(trained.task == task) & (trained.init == init)].assign(group="all")
         _dot_panel(row[1], runs, metric, strategies, "group", ["all"], {"all": "0.25"}, spread="std")
         spread = spreads[(spreads.task == task) & (spreads.init == init)]
-        note = f"spread {spread.spread.iloc[0]:.1f}, p = {spread.p_permutation.iloc[0]:.2f}" if len(spread) else ""
+        note = ""
+        if len(spread):
+            first = spread.iloc[0]
+            note = f"spread {first.spread:.1f}, within-seed p = {first.p_permutation:.2g}"
+            if np.isfinite(first.get("friedman_p", np.nan)):
+                note += f", Friedman p = {first.friedman_p:.2g}"
         row[1].set_ylabel(label)
         row[1].set_title(f"(b) {note}", loc="left")
         corr = acute[(acute.task == task) & (acute.init == init)]

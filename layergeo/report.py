@@ -2,8 +2,9 @@
 
 Rows are init x strategy, columns are task x metric, each cell mean ± std over
 seeds with the number of seeds. Paired differences against Forward and against
-None are taken seed by seed, with percentile bootstrap confidence intervals over
-seeds. The spread is max - min of the strategy means, matching strategies only.
+None are taken seed by seed (a seed is a block), with paired t-tests, Holm-corrected
+over the comparisons of one table and metric, and intervals consistent with Holm
+(``layergeo.stats``). The spread is max - min of the strategy means, matching strategies only.
 The paper's published numbers (shipped in ``resources/paper_results.csv``) are
 written beside ours, in their own table, never mixed into our means. ``provenance.json``
 says how the numbers were made: machines, threads, versions, commits, commands and times.
@@ -15,16 +16,17 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from layergeo.errors import LayergeoError
 from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label, task_label
-from layergeo.runs import write_text
+from layergeo.runs import read_json, write_text
+from layergeo.stats import ALPHA, compare_family
 
 METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc"}
 SETTING_KEYS = ["student_layers", "hidden_size", "normalize", "alpha_hidden"]
-BOOTSTRAP_SAMPLES = 10_000
+STAT_COLUMNS = ["n_seeds", "mean_diff", "sd_diff", "d_z", "t", "p", "p_holm", "ci_level", "ci_low", "ci_high",
+                "bca_low", "bca_high", "answer"]
 
 
 def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | None = None) -> pd.DataFrame:
@@ -40,7 +42,7 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
         raise LayergeoError(f"{root} does not exist; give the folder of a sweep (or of runs)")
     rows = []
     for results_file in sorted(root.rglob("results.json")):
-        results = json.loads(results_file.read_text())
+        results = read_json(results_file)
         if results.get("kind") != "student":
             continue
         config = yaml.safe_load((results_file.parent / "config.yaml").read_text())
@@ -77,7 +79,7 @@ def _order(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _varying_settings(results: pd.DataFrame) -> list[str]:
-    return [k for k in SETTING_KEYS if results[k].nunique() > 1]
+    return [k for k in SETTING_KEYS if k in results and results[k].nunique() > 1]
 
 
 def summary_stats(results: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -106,20 +108,18 @@ def main_table(stats: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns={"init": "Init", "strategy": "Layer selection"})
 
 
-def bootstrap_ci(values: np.ndarray, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampling seeds)."""
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, len(values)), replace=True).mean(1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+def paired_differences(results: pd.DataFrame, reference: str, metrics: list[str], alpha: float = ALPHA) -> pd.DataFrame:
+    """Per setting, init, task, strategy and metric: strategy - reference on the same seeds (a seed is a block:
+    runs sharing it share the training subset, data order and draws), tested with the paired t-test.
 
-
-def paired_differences(results: pd.DataFrame, reference: str, metrics: list[str]) -> pd.DataFrame:
-    """Per strategy: mean over seeds of (strategy - reference), same seed, with a bootstrap 95% CI."""
+    The comparisons of one metric in this table are one family: their p-values are Holm-corrected together
+    (``p_holm``) and each interval (``ci_low``, ``ci_high``) is the paired t interval at the level Holm tested
+    it at (``ci_level``), so it excludes 0 exactly when ``p_holm`` < alpha; ``bca_low``/``bca_high`` are the BCa
+    bootstrap interval at the same level (from 5 seeds on); ``d_z`` = mean / sd of the differences; ``answer``
+    is better / worse / not distinguishable from that interval, or "no call" below 3 seeds (see layergeo.stats).
+    """
     keys = _varying_settings(results) + ["init", "task"]
-    rows = []
+    rows, pairs = [], []
     for group_key, group in results.groupby(keys):
         group_key = group_key if isinstance(group_key, tuple) else (group_key,)
         ref = group[group.strategy == reference].set_index("seed")
@@ -127,16 +127,21 @@ def paired_differences(results: pd.DataFrame, reference: str, metrics: list[str]
             continue
         for strategy, runs in group[group.strategy != reference].groupby("strategy"):
             runs = runs.set_index("seed")
-            seeds = sorted(set(runs.index) & set(ref.index))
             for metric in metrics:
                 if metric not in runs or runs[metric].isna().all():
                     continue
-                diff = (runs.loc[seeds, metric] - ref.loc[seeds, metric]).to_numpy(dtype=float)
-                low, high = bootstrap_ci(diff)
-                rows.append({**dict(zip(keys, group_key)), "strategy": strategy, "reference": reference, "metric": metric,
-                             "mean_diff": diff.mean() if len(diff) else np.nan, "ci_low": low, "ci_high": high, "n_seeds": len(diff)})
-    frame = pd.DataFrame(rows)
-    return _order(frame).sort_values(keys + ["strategy", "metric"]).reset_index(drop=True) if rows else frame
+                seeds = sorted(set(runs.index[runs[metric].notna()]) & set(ref.index[ref[metric].notna()]))
+                rows.append({**dict(zip(keys, group_key)), "strategy": strategy, "reference": reference, "metric": metric})
+                pairs.append((runs.loc[seeds, metric].to_numpy(dtype=float), ref.loc[seeds, metric].to_numpy(dtype=float)))
+    if not rows:
+        return pd.DataFrame(rows)
+    tests: list[dict] = [{}] * len(rows)
+    for metric in dict.fromkeys(row["metric"] for row in rows):
+        family = [i for i, row in enumerate(rows) if row["metric"] == metric]
+        for i, test in zip(family, compare_family([pairs[i] for i in family], alpha)):
+            tests[i] = test
+    frame = pd.DataFrame([row | test for row, test in zip(rows, tests)])
+    return _order(frame).sort_values(keys + ["strategy", "metric"]).reset_index(drop=True)
 
 
 def spread(stats: pd.DataFrame) -> pd.DataFrame:
@@ -165,8 +170,22 @@ def paper_table() -> pd.DataFrame:
     return table.rename(columns={"setting": "Paper setting", "init": "Init", "strategy": "Layer selection"})
 
 
+def display(frame: pd.DataFrame, blank: bool = False) -> pd.DataFrame:
+    """A table of paired differences as printed (Markdown, LaTeX): the interval's level in percent (``ci_percent``:
+    99.75, which 2 or 3 decimals of 0.9975 would round to 1.00), p-values to two significant digits (not 0.00) and a
+    missing number as a missing cell ("–", not "nan"); the CSV keeps the numbers. Another table is left as it is
+    (``blank``: its missing numbers blanked too)."""
+    formats = {"p": lambda v: f"{v:.2g}", "p_holm": lambda v: f"{v:.2g}", "ci_level": lambda v: f"{100 * v:.4g}"}
+    if not blank and not any(column in frame for column in formats):
+        return frame
+    frame = frame.assign(**{column: [form(v) if pd.notna(v) else None for v in frame[column]]
+                            for column, form in formats.items() if column in frame})
+    return _blank_missing(frame.rename(columns={"ci_level": "ci_percent"}))
+
+
 def _write_table(frame: pd.DataFrame, stem: Path, float_format: str = "%.2f") -> None:
     write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))
+    frame = display(frame)
     write_text(stem.with_suffix(".md"), frame.to_markdown(index=False, floatfmt=".2f", missingval="–") + "\n")
     write_text(stem.with_suffix(".tex"), frame.to_latex(index=False, float_format=lambda v: float_format % v, na_rep="--"))
 
@@ -182,7 +201,7 @@ def provenance(root: str | Path) -> dict:
     (the span a sweep took), and every distinct machine (device, threads, processes),
     version set, git commit and command that occur among them.
     """
-    envs = [json.loads(f.read_text()) for f in sorted(Path(root).rglob("env.json"))]
+    envs = [read_json(f) for f in sorted(Path(root).rglob("env.json"))]
     envs = [e for e in envs if "end" in e]
     if not envs:
         return {}
@@ -203,10 +222,9 @@ def provenance(root: str | Path) -> dict:
     }
 
 
-def write_report(root: str | Path, out: Path | None = None, paper: bool = False) -> Path:
-    """Write every table as CSV, Markdown and LaTeX, plus ``report.md`` gathering them."""
-    results = collect_results(root)
-    out = out or Path(root) / "report"
+def write_tables(results: pd.DataFrame, out: Path, title: str, paper: bool = False, with_results: bool = True) -> Path:
+    """Every table of ``results`` as CSV, Markdown and LaTeX, plus ``report.md`` gathering them, under ``out``
+    (``results_all`` itself only when ``with_results``)."""
     metrics = [m for m in METRICS if m in results and results[m].notna().any()]
     stats = summary_stats(results, metrics)
     tables = {
@@ -220,21 +238,56 @@ def write_report(root: str | Path, out: Path | None = None, paper: bool = False)
     if paper:
         tables["paper_table"] = paper_table()
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "provenance.json", json.dumps(provenance(root), indent=2) + "\n")
     for name, table in tables.items():
-        if not table.empty:
+        if not table.empty and (with_results or name != "results_all"):
             _write_table(table, out / name)
+    paired = ("mean over seeds, paired t-test, Holm-corrected over this table's comparisons of one metric; interval "
+              "= paired t interval at the level Holm tested it at (ci_percent), BCa bootstrap at the same level beside; "
+              "d_z = mean / sd of the differences; no test below 3 seeds; points")
     sections = [
         ("Our runs: mean ± std over seeds (n seeds), in %", "main_table"),
-        ("Paired difference to Forward (same seed), mean and bootstrap 95% CI over seeds, points", "diff_vs_forward"),
-        ("Paired difference to None (same seed), mean and bootstrap 95% CI over seeds, points", "diff_vs_none"),
+        (f"Paired difference to Forward (same seed): {paired}", "diff_vs_forward"),
+        (f"Paired difference to None (same seed): {paired}", "diff_vs_none"),
         ("Spread between matching strategies (max - min of means) beside the mean seed std, points", "spread"),
     ]
     if paper:
         sections.append(("The paper's published numbers (their setting: BERT-base on GLUE test server etc.; not our runs)", "paper_table"))
-    text = [f"# layergeo report: {Path(root).name}\n", f"{len(results)} finished student runs.\n"]
-    for title, name in sections:
+    text = [f"# layergeo report: {title}\n", f"{len(results)} finished student runs.\n"]
+    for name_title, name in sections:
         if not tables[name].empty:
-            text += [f"## {title}\n", tables[name].to_markdown(index=False, floatfmt=".2f", missingval="–"), ""]
+            text += [f"## {name_title}\n", display(tables[name]).to_markdown(index=False, floatfmt=".2f", missingval="–"), ""]
     write_text(out / "report.md", "\n".join(text) + "\n")
     return out
+
+
+def write_report(root: str | Path, out: Path | None = None, paper: bool = False) -> Path:
+    """Write every table as CSV, Markdown and LaTeX, plus ``report.md`` gathering them and ``provenance.json``."""
+    results = collect_results(root)
+    out = out or Path(root) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "provenance.json", json.dumps(provenance(root), indent=2) + "\n")
+    return write_tables(results, out, Path(root).name, paper)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m layergeo.report --results tables/results_all.csv [--paper]``: rewrite every table of a saved
+    report from its results_all.csv (no run folders needed; results_all and provenance.json are left as they are)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m layergeo.report", description=main.__doc__)
+    parser.add_argument("--results", required=True, metavar="CSV", help="a saved report's results_all.csv")
+    parser.add_argument("--out", metavar="DIR", help="default: the folder of --results")
+    parser.add_argument("--title", help="the report's name (default: the name of the folder above --out)")
+    parser.add_argument("--paper", action="store_true", help="add the paper's published numbers (their setting) beside ours")
+    args = parser.parse_args(argv)
+    results_file = Path(args.results)
+    if not results_file.is_file():
+        parser.error(f"{results_file} does not exist")
+    out = Path(args.out) if args.out else results_file.parent
+    write_tables(pd.read_csv(results_file), out, args.title or out.resolve().parent.name, args.paper, with_results=False)
+    print(f"tables in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,11 +1,18 @@
 """The paper's three claims, answered from a finished sweep with intervals and tests.
 
+A seed is a block: runs that share it share the training subset, the data order and the random draws,
+so every comparison below is made within seeds (``layergeo.stats``, where scipy does each test).
+
 (a) Does every matching strategy beat no matching? Per task and student init: the paired difference
-    to ``none`` (same seed), with a 95% percentile-bootstrap interval over seeds; "better" or
-    "worse" only when the interval excludes 0.
-(b) Is the spread between matching strategies more than seed noise? Spread = max - min of the
-    strategy means; its p-value is the share of random relabellings (strategy labels permuted
-    among the matching students of one task and init) whose spread is at least as large.
+    to ``none`` (same seed), paired t-test, Holm-corrected over all comparisons of the table (every
+    task, init and strategy of the metric), with the number of seeds and Cohen's d_z beside; the
+    interval is the paired t interval at the level Holm tested it at, with a BCa bootstrap at the same
+    level as a cross-check. "better" or "worse" only when that interval excludes 0; below 3 seeds there
+    is no interval and no call.
+(b) Do the matching strategies differ more than seed noise? Spread = max - min of the strategy means,
+    with a BCa bootstrap interval over seeds (whole seeds resampled) and the mean spread that relabelling
+    within seeds gives; tested by a within-seed permutation test of the spread (strategy labels permuted
+    within each seed) and by Friedman's test (seeds as blocks).
 (c) How acute are the angles at the student, untrained vs trained, and does the trained fraction
     predict accuracy? Mean fraction of acute angles per checkpoint, and the Spearman rank
     correlation (scipy) between the trained fraction and the metric across matching students; the
@@ -19,6 +26,7 @@ checkpoint, frac_acute [, thales_ratio], one row per run and checkpoint).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,51 +35,40 @@ from scipy import stats
 
 from layergeo import plots
 from layergeo.errors import LayergeoError
-from layergeo.report import collect_results, paired_differences, spread, summary_stats
+from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, summary_stats
 from layergeo.runs import write_text
+from layergeo.stats import ALPHA, MIN_SEEDS, blocked_spread_test
 
-PERMUTATIONS = 10_000
 GROUP = ["task", "init"]
+INTRO = ("A seed is a block (runs sharing it share the training subset, data order and draws), so every comparison is "
+         "within seeds. A difference is called better or worse only when its Holm-corrected interval excludes 0.\n")
+CLAIM_B_TESTS = ["n_seeds", "spread_ci_low", "spread_ci_high", "null_spread_mean", "p_permutation", "permutations",
+                 "friedman_chi2", "friedman_p"]
 
 
 def beats_none(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Claim (a): per task, init and matching strategy, mean paired difference to none with its CI."""
+    """Claim (a): per task, init and matching strategy, the paired difference to none (same seeds) with its
+    paired t-test, Holm correction over the whole table, Holm-consistent interval and answer."""
     diffs = paired_differences(results, "none", [metric])
     if diffs.empty:
         raise LayergeoError("no run of strategy 'none' to compare with; the verdict needs a grid with none")
-    diffs = diffs[GROUP + ["strategy", "mean_diff", "ci_low", "ci_high", "n_seeds"]].copy()
+    diffs = diffs[GROUP + ["strategy"] + STAT_COLUMNS].copy()
     diffs["strategy"] = diffs["strategy"].astype(str)
-    diffs["answer"] = np.select([diffs.ci_low > 0, diffs.ci_high < 0], ["better", "worse"], "not distinguishable")
     return diffs.reset_index(drop=True)
 
 
-def spread_permutation_p(values: np.ndarray, labels: np.ndarray, permutations: int = PERMUTATIONS, seed: int = 0) -> tuple[float, float]:
-    """Spread (max - min of group means) of values (n,) grouped by labels (n,), and its permutation p-value.
-
-    p = (1 + #{relabellings with spread >= observed}) / (1 + permutations), labels permuted uniformly.
-    """
-    codes, _ = pd.factorize(labels)
-    counts = np.bincount(codes)
-    observed = np.bincount(codes, weights=values) / counts
-    observed = observed.max() - observed.min()
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permuted(np.broadcast_to(codes, (permutations, len(codes))), axis=1)   # (P, n)
-    sums = np.zeros((permutations, len(counts)))
-    np.add.at(sums, (np.arange(permutations)[:, None], shuffled), values[None, :])
-    means = sums / counts
-    null = means.max(1) - means.min(1)
-    return float(observed), float((1 + np.sum(null >= observed - 1e-9)) / (1 + permutations))
-
-
 def spread_vs_noise(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Claim (b): the report's spread table (per task and init) with the permutation p of each spread."""
+    """Claim (b): the report's spread table (per task and init) with the seed-blocked tests of it, made on the
+    seeds that every matching strategy has (``n_seeds``)."""
     table = spread(summary_stats(results, [metric])).drop(columns="metric")
     table[["best", "worst"]] = table[["best", "worst"]].astype(str)
     matching = results[results.strategy != "none"].dropna(subset=[metric])
-    p = {key: spread_permutation_p(group[metric].to_numpy(float), group["strategy"].to_numpy())[1]
-         for key, group in matching.groupby(GROUP)}
-    table["p_permutation"] = [p[key] for key in zip(table.task, table.init)]
-    return table
+    tests = {}
+    for key, group in matching.groupby(GROUP):
+        wide = group.pivot_table(index="seed", columns="strategy", values=metric, aggfunc="first").dropna()
+        tests[key] = blocked_spread_test(wide.to_numpy(float)) if len(wide) else {"n_seeds": 0}
+    tests = pd.DataFrame([tests.get(key, {"n_seeds": 0}) for key in zip(table.task, table.init)]).reindex(columns=CLAIM_B_TESTS)
+    return pd.concat([table.reset_index(drop=True), tests], axis=1)
 
 
 def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -112,32 +109,102 @@ def _rank_correlation(row: pd.Series, prefix: str, name: str) -> str:
     return f"{name} ρ = {rho:.2f} (p = {p:.2g})" if np.isfinite(rho) else f"{name} undefined (constant)"
 
 
+def _p(p: float) -> str:
+    return f"{p:.2g}" if np.isfinite(p) else "–"
+
+
+def _comparison(d: pd.Series, label: str | None = None) -> str:
+    """'Forward +1.1 points (d_z 0.55; p = 0.28, Holm 1; 99.75% interval -5.1 to +7.4)'."""
+    d_z = f"{d.d_z:+.2f}" if np.isfinite(d.d_z) else "undefined"
+    return (f"{label or plots.strategy_label(d.strategy)} {d.mean_diff:+.1f} points (d_z {d_z}; p = {_p(d.p)}, Holm {_p(d.p_holm)}; "
+            f"{100 * d.ci_level:.4g}% interval {d.ci_low:+.1f} to {d.ci_high:+.1f})")
+
+
+def _claim_a(diffs: pd.DataFrame, family: int) -> str:
+    counts = diffs["answer"].value_counts()
+    seeds = sorted(set(diffs.n_seeds.astype(int)))
+    seed_text = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]} seeds"
+    if not diffs.n_seeds.ge(MIN_SEEDS).any():
+        return (f"(a) Only {seed_text}: a paired interval needs at least {MIN_SEEDS}, so **no call** is made for any of "
+                f"the {len(diffs)} matching strategies against none (their mean differences run from "
+                f"{diffs.mean_diff.min():+.1f} to {diffs.mean_diff.max():+.1f} points; 2 seeds cannot tell them from noise).")
+    text = (f"(a) {len(diffs)} matching strategies against none, {seed_text}, paired t-tests Holm-corrected over the "
+            f"{family} comparisons of this table: **better {counts.get('better', 0)}, worse {counts.get('worse', 0)}, "
+            f"not distinguishable {counts.get('not distinguishable', 0)}**")
+    if counts.get("no call", 0):
+        text += f", no call {counts['no call']} (fewer than {MIN_SEEDS} seeds)"
+    called = diffs[diffs.answer.isin(["better", "worse"])]
+    if len(called):
+        text += ": " + "; ".join(_comparison(d) for _, d in called.iterrows())
+    tested = diffs[diffs.n_seeds >= MIN_SEEDS]
+    best, worst = tested.loc[tested.mean_diff.idxmax()], tested.loc[tested.mean_diff.idxmin()]
+    if len(tested) > 1 and tested[["mean_diff", "sd_diff"]].round(9).nunique().max() == 1:
+        return text + f". Every one of them: {_comparison(best, 'the same difference,')}."
+    text += f". Highest: {_comparison(best)}"
+    if worst.strategy != best.strategy:
+        text += f"; lowest: {_comparison(worst)}"
+    return text + "."
+
+
+def _collapsed(results: pd.DataFrame, task: str, init: str, metric: str) -> str:
+    split = metric.split("_")[0]
+    column = f"{split}_predicted_classes"
+    if column not in results:
+        return (f" The results table does not record how many classes each student predicts on {split}, so students "
+                f"that predict a single class cannot be flagged from it.")
+    students = results[(results.task == task) & (results.init == init)]
+    single = students[students[column] == 1]
+    majority = f"{split}_majority_rate"
+    rate = f" (majority-class rate {students[majority].mean():.1f}%)" if majority in students else ""
+    if single.empty:
+        return f" 0 of {len(students)} students predict a single class on {split}{rate}."
+    names = ", ".join(f"{plots.strategy_label(s.strategy)} seed {int(s.seed)}" for _, s in single.sort_values(["strategy", "seed"]).iterrows())
+    return (f" **{len(single)} of {len(students)} students predict a single class on {split}**{rate}: {names}; their "
+            f"{metric.replace('_', ' ')} is the share of that class, not a learned answer.")
+
+
+def _claim_b(s: pd.Series) -> str:
+    if s.spread == 0:
+        return (f" (b) Every matching strategy has the same mean (mean seed std {s.mean_seed_std:.1f}): spread 0, "
+                f"within-seed permutation p = {_p(s.p_permutation)}.")
+    text = (f" (b) Spread between matching strategies {s.spread:.1f} points ({plots.strategy_label(s.best)} best, "
+            f"{plots.strategy_label(s.worst)} worst; mean seed std {s.mean_seed_std:.1f}")
+    if np.isfinite(s.spread_ci_low):
+        text += f"; 95% BCa interval over seeds {s.spread_ci_low:.1f} to {s.spread_ci_high:.1f}"
+    if np.isfinite(s.null_spread_mean):
+        text += f"; relabelling strategies within seeds gives {s.null_spread_mean:.1f} on average"
+    text += ")"
+    if not np.isfinite(s.p_permutation):
+        return text + "; too few seeds for a test."
+    text += f"; within-seed permutation p = {_p(s.p_permutation)} ({int(s.permutations):,} relabellings"
+    text += ", all of them)" if s.permutations == math.factorial(int(s.n_strategies)) ** int(s.n_seeds) else " drawn)"
+    if np.isfinite(s.friedman_p):
+        text += f", Friedman χ² = {s.friedman_chi2:.1f}, p = {_p(s.friedman_p)}"
+    text += f", {int(s.n_seeds)} seeds as blocks"
+    significant = [p < ALPHA for p in (s.p_permutation, s.friedman_p) if np.isfinite(p)]
+    if all(significant):
+        text += ": the strategies differ by more than seed noise."
+    elif not any(significant):
+        text += ": no evidence that the strategies differ beyond seed noise."
+    else:
+        text += ": the two tests disagree at the 5% level."
+    return text
+
+
 def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) -> list[str]:
     """One plain paragraph per task and init, every number from the three tables."""
     lines = []
+    family = int(a.n_seeds.ge(MIN_SEEDS).sum())
     for (task, init), diffs in a.groupby(GROUP):
-        counts = diffs["answer"].value_counts()
-        best = diffs.loc[diffs.mean_diff.idxmax()]
-        text = (f"**{_name(task, init)}** ({metric.replace('_', ' ')}), {len(diffs)} matching strategies against none: "
-                f"better {counts.get('better', 0)}, worse {counts.get('worse', 0)}, not distinguishable "
-                f"{counts.get('not distinguishable', 0)} (best: {plots.strategy_label(best.strategy)} {best.mean_diff:+.1f} points, 95% CI "
-                f"{best.ci_low:+.1f} to {best.ci_high:+.1f}, {int(best.n_seeds)} seeds).")
-        split = metric.split("_")[0]
-        if f"{split}_predicted_classes" in results:
-            students = results[(results.task == task) & (results.init == init)]
-            collapsed = int((students[f"{split}_predicted_classes"] == 1).sum())
-            text += (f" {collapsed} of {len(students)} students predict a single class on {split} (majority-class "
-                     f"rate {students[f'{split}_majority_rate'].mean():.1f}%).")
+        text = f"**{_name(task, init)}** ({metric.replace('_', ' ')}). " + _claim_a(diffs, family)
+        text += _collapsed(results, task, init, metric)
         spreads = b[(b.task == task) & (b.init == init)]
         if not spreads.empty:
-            s = spreads.iloc[0]
-            text += (f" Spread between strategies {s.spread:.1f} points ({plots.strategy_label(s.best)} best, "
-                     f"{plots.strategy_label(s.worst)} worst) against a seed std of {s.mean_seed_std:.1f}; "
-                     f"permutation p = {s.p_permutation:.2f}.")
+            text += _claim_b(spreads.iloc[0])
         angle = c[(c.task == task) & (c.init == init)]
         if not angle.empty:
             g = angle.iloc[0]
-            text += f" Acute angles: {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
+            text += f" (c) Acute angles: {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
             if "ratio_trained" in g:
                 text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
             text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
@@ -157,12 +224,16 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     for name, table in claims.items():
         write_text(out / f"{name}.csv", table.to_csv(index=False))
     a, b, c = claims.values()
-    titles = ["(a) Paired difference to None, points, 95% bootstrap CI over seeds",
-              "(b) Spread between matching strategies (max - min of means), permutation p-value",
+    family = int(a.n_seeds.ge(MIN_SEEDS).sum())
+    titles = [f"(a) Paired difference to None (same seed), points: paired t-test Holm-corrected over the {family} comparisons "
+              "of this table; interval = paired t interval at the level Holm tested it at (ci_percent), BCa bootstrap at "
+              "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds",
+              "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds, the mean "
+              "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
               "(c) Fraction of acute angles and Thales ratio at the student; Spearman of each trained value with the metric"]
-    text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", "\n\n".join(sentences(results, a, b, c, metric)), ""]
+    text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", INTRO, "\n\n".join(sentences(results, a, b, c, metric)), ""]
     for title, table in zip(titles, claims.values()):
-        text += [f"## {title}\n", table.to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
+        text += [f"## {title}\n", display(table, blank=True).to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
     write_text(out / "verdict.md", "\n".join(text) + "\n")
     trained = results.merge(acute[acute.checkpoint == "best"][["run"] + [c for c in plots.VERDICT_GEOMETRY if c in acute]], on="run")
     plots.save_figure(plots.verdict_panels(a, b, c, trained, metric), out / "verdict")
@@ -176,4 +247,18 @@ def verdict_from_sweep(root: Path, out: Path | None = None, metric: str = "test_
     acute_file = Path(root) / "figures" / "acute_summary.csv"
     if not acute_file.is_file():
         raise LayergeoError(f"{acute_file} is missing; run `layergeo figures {root}` first")
-    return write_verdict(collect_results(root), pd.read_csv(acute_file), out or Path(root) / "verdict", metric)
+    return write_verdict(collect_results(root), read_table(acute_file), out or Path(root) / "verdict", metric)
+
+
+def read_table(path: Path, flag: str = "") -> pd.DataFrame:
+    """A CSV written by ``layergeo report``/``figures``, or one line saying why it cannot be read."""
+    name = f"{flag} {path}" if flag else str(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise LayergeoError(f"{name} {what}; give the CSV written by layergeo report/figures")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise LayergeoError(f"{name} cannot be read as a CSV ({reason}); give the file written by "
+                            "layergeo report/figures") from None

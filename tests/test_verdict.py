@@ -1,41 +1,18 @@
-"""The verdict on the paper's claims: permutation test, paired answers and rank correlation against brute force."""
+"""The verdict on the paper's claims: seed-blocked tests, Holm-corrected answers and rank correlation against brute force
+(the statistics themselves are checked in test_stats.py)."""
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from layergeo.cli import main
 from layergeo.errors import LayergeoError
-from layergeo.verdict import acute_vs_metric, beats_none, spread_permutation_p, spread_vs_noise, write_verdict
-
-
-def _brute_spread(values: np.ndarray, labels: np.ndarray) -> float:
-    means = [values[labels == label].mean() for label in sorted(set(labels))]
-    return max(means) - min(means)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spread_and_its_permutation_p_match_exact_enumeration(seed):
-    rng = np.random.default_rng(seed)
-    labels = np.array(["a", "a", "b", "b", "c", "c", "c"])
-    values = rng.normal(size=len(labels)) + np.where(labels == "c", 1.0, 0.0)
-    observed = _brute_spread(values, labels)
-    exact = np.mean([_brute_spread(values, labels[list(order)]) >= observed - 1e-9
-                     for order in itertools.permutations(range(len(labels)))])
-    spread, p = spread_permutation_p(values, labels, permutations=20_000, seed=seed)
-    assert spread == pytest.approx(observed, abs=1e-12)
-    assert p == pytest.approx(exact, abs=0.015)
-
-
-def test_spread_of_identical_strategies_is_never_significant():
-    values = np.tile([60.0, 61.0, 62.0], 4)                      # every strategy has the same three seeds
-    labels = np.repeat(["forward", "reverse", "shuffle", "rail"], 3)
-    spread, p = spread_permutation_p(values, labels, permutations=2_000)
-    assert spread == 0 and p == 1
+from layergeo import stats
+from layergeo.report import STAT_COLUMNS, main as report_main, paired_differences
+from layergeo.verdict import acute_vs_metric, beats_none, spread_vs_noise, write_verdict
 
 
 def _results(diffs: dict[str, list[float]], base: list[float]) -> pd.DataFrame:
@@ -50,15 +27,72 @@ def _results(diffs: dict[str, list[float]], base: list[float]) -> pd.DataFrame:
     return frame
 
 
-def test_beats_none_answers_only_when_the_interval_excludes_zero():
+def test_beats_none_answers_only_when_the_holm_interval_excludes_zero():
     base = [70.0, 72.0, 71.0, 69.0, 70.5]
     results = _results({"forward": [4, 5, 6, 5, 4], "reverse": [-3, -4, -2, -3, -5], "rail": [1, -1, 2, -2, 0]}, base)
     answers = beats_none(results, "test_accuracy").set_index("strategy")
     assert answers.loc["forward", "answer"] == "better" and answers.loc["forward", "mean_diff"] == pytest.approx(4.8)
     assert answers.loc["reverse", "answer"] == "worse"
     assert answers.loc["rail", "answer"] == "not distinguishable"
+    # one family of 3: forward's p is the smallest, tested at 0.05 / 3, and its interval is the t interval at 1 - 0.05 / 3
+    forward = np.array([4, 5, 6, 5, 4], float)
+    assert answers.loc["forward", "p_holm"] == pytest.approx(3 * stats.paired_t(forward, np.zeros(5))["p"])
+    assert answers.loc["forward", "ci_level"] == pytest.approx(1 - 0.05 / 3)
+    q = sps.t.ppf(1 - 0.05 / 6, 4)
+    half = q * forward.std(ddof=1) / np.sqrt(5)
+    assert (answers.loc["forward", "ci_low"], answers.loc["forward", "ci_high"]) == pytest.approx((4.8 - half, 4.8 + half))
+    assert answers.loc["forward", "d_z"] == pytest.approx(4.8 / forward.std(ddof=1)) and answers.n_seeds.eq(5).all()
     with pytest.raises(LayergeoError, match="none"):
         beats_none(results[results.strategy != "none"], "test_accuracy")
+
+
+def test_the_family_is_the_whole_table_and_report_and_verdict_agree():
+    one = _results({"forward": [4, 5, 6, 5, 4], "reverse": [1, -1, 2, -2, 0]}, [70.0, 72.0, 71.0, 69.0, 70.5])
+    other = one.assign(task="u", run=one.run + "u")
+    results = pd.concat([one, other], ignore_index=True)
+    a = beats_none(results, "test_accuracy")
+    assert len(a) == 4 and a.ci_level.max() == pytest.approx(1 - 0.05 / 4)      # 4 comparisons, 2 tasks
+    report = paired_differences(results.assign(dev_accuracy=results.test_accuracy + 1), "none", ["test_accuracy", "dev_accuracy"])
+    report = report[report.metric == "test_accuracy"]                 # a second metric is a family of its own
+    merged = a.merge(report, on=["task", "init", "strategy"], suffixes=("", "_report"))
+    for column in STAT_COLUMNS:
+        if column != "answer":
+            np.testing.assert_allclose(merged[column].astype(float), merged[f"{column}_report"].astype(float), equal_nan=True)
+    assert (merged.answer == merged.answer_report).all()
+
+
+def test_two_seeds_make_no_call_and_the_verdict_says_so(tmp_path):
+    results = _results({"forward": [4, 5], "reverse": [-3, -4]}, [70.0, 72.0])
+    a = beats_none(results, "test_accuracy")
+    assert (a.answer == "no call").all() and a.ci_low.isna().all() and a.p.isna().all()
+    acute = pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": np.linspace(0.8, 1.0, len(results))})
+    text = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text()
+    assert "Only 2 seeds: a paired interval needs at least 3, so **no call** is made for any of the 2 matching strategies" in text
+
+
+def test_claim_b_is_tested_within_seeds():
+    rng = np.random.default_rng(1)
+    seeds = rng.normal(0, 8, size=5)                                  # large seed effect, small consistent gap
+    results = _results({"forward": list(seeds + 2 + rng.normal(0, 0.3, 5)), "reverse": list(seeds + rng.normal(0, 0.3, 5)),
+                        "rail": list(seeds + rng.normal(0, 0.3, 5))}, [70.0] * 5)
+    b = spread_vs_noise(results, "test_accuracy").iloc[0]
+    table = results[results.strategy != "none"].pivot(index="seed", columns="strategy", values="test_accuracy")
+    want = stats.blocked_spread_test(table.to_numpy())
+    for column in ("spread", "p_permutation", "friedman_p", "spread_ci_low", "spread_ci_high", "null_spread_mean"):
+        assert b[column] == pytest.approx(want[column])
+    assert b.best == "forward" and b.n_seeds == 5 and b.p_permutation < 0.05 and b.friedman_p < 0.05
+
+
+def test_report_tables_can_be_rewritten_from_results_all(tmp_path, capsys):
+    results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    results.to_csv(tmp_path / "results_all.csv", index=False)
+    assert report_main(["--results", str(tmp_path / "results_all.csv")]) == 0
+    diff = pd.read_csv(tmp_path / "diff_vs_none.csv").set_index("strategy")
+    assert diff.loc["forward", "answer"] == "better" and diff.loc["forward", "p_holm"] == pytest.approx(
+        2 * stats.paired_t(np.array([4.0, 5, 6]), np.zeros(3))["p"])
+    assert (tmp_path / "diff_vs_forward.md").is_file() and (tmp_path / "report.md").is_file()
+    assert not (tmp_path / "results_all.md").exists() and not (tmp_path / "provenance.json").exists()
+    assert "Holm-corrected" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("column, prefix", [("frac_acute", "acute"), ("thales_ratio", "ratio")])
@@ -97,7 +131,8 @@ def test_verdict_files_and_cli_errors(tmp_path, capsys):
     assert main(["verdict", "--results", str(tmp_path / "results.csv"), "--acute", str(tmp_path / "acute.csv"),
                  "--out", str(tmp_path / "v")]) == 0
     printed = capsys.readouterr().out
-    assert "2 matching strategies against none: better 1, worse 0, not distinguishable 1" in printed  # forward +4..+6, reverse -1..+1
+    assert ("2 matching strategies against none, 3 seeds, paired t-tests Holm-corrected over the 2 comparisons of this "
+            "table: **better 1, worse 0, not distinguishable 1**") in printed  # forward +4..+6, reverse -1..+1
     assert "Thales ratio 3.03 untrained, 1.44 trained" in printed  # linspace(4, 1, 18): rows 3-8 (init) and 12-17 (best) are matching
     for name in ("claim_a_beats_none.csv", "claim_b_spread.csv", "claim_c_acute.csv", "verdict.md", "verdict.png", "verdict.pdf"):
         assert (tmp_path / "v" / name).is_file()
@@ -139,4 +174,8 @@ def test_the_verdict_says_how_many_students_collapsed_to_one_class(tmp_path):
     results["test_majority_rate"] = 60.0
     acute = pd.DataFrame({"run": list(results.run), "checkpoint": "best", "frac_acute": np.linspace(0.8, 1.0, 6)})
     text = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text()
-    assert "3 of 6 students predict a single class on test (majority-class rate 60.0%)" in text
+    assert ("**3 of 6 students predict a single class on test** (majority-class rate 60.0%): Forward seed 0, "
+            "Forward seed 1, None seed 1") in text
+    results = results.drop(columns=["test_predicted_classes"])
+    text = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text()
+    assert "does not record how many classes each student predicts on test" in text
