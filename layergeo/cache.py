@@ -208,12 +208,14 @@ class TeacherCache:
                 "built": self.built}
 
     def lookup(
-        self, index: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None
+        self, index: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None,
+        host_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The teacher's outputs for a right-padded batch of examples of the cached split.
 
         index: (B,) positions in the split (``batch["index"]``); attention_mask: (B, L) of the batch
-        (its width and device are used; on CPU it is also checked against the cached lengths).
+        (its width and device are used; it is checked against the cached lengths on the host: itself on
+        CPU, else ``host_mask``, the same mask before it moved to the device).
         Returns float32 logits (B, C) and {t: (B, L, d)} for ``layers`` (default: all stored), zeros
         at padding, on the attention mask's device.
         """
@@ -229,9 +231,10 @@ class TeacherCache:
         starts, ends = self._offsets[idx], self._offsets[idx + 1]
         lengths = ends - starts
         keep = torch.arange(width) < torch.from_numpy(lengths)[:, None]  # right padding: real tokens first
-        # On CPU the mask is compared here; on a GPU that would wait for the device, and right padding (checked when
-        # the cache is opened) with the split's own encoded lengths (part of the key) already fixes every mask.
-        checked = attention_mask.device.type != "cpu" or torch.equal(keep, attention_mask.bool())
+        # the mask is compared on the host: the batch's own when it is there, else the host copy fit keeps of it
+        # (comparing a GPU mask would make the step wait for the device)
+        mask = attention_mask if attention_mask.device.type == "cpu" else host_mask
+        checked = mask is None or torch.equal(keep, mask.bool())
         if int(lengths.max(initial=0)) > width or not checked:
             raise LayergeoError("the batch's attention mask does not match the cached examples; the cache needs "
                                 "right-padded batches of the split it was built from (same tokenizer and max_length)")

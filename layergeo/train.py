@@ -349,8 +349,12 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     continue
                 if loop.mapper is not None:
                     _log_mapping(loop, state, write=main)
-                # "index" stays on the host: only the teacher cache reads it, and so without waiting for the device
+                # "index" stays on the host: only the teacher cache reads it, and so without waiting for the device;
+                # so does a copy of the mask, which the cache checks against its stored lengths on any device
+                host_mask = batch["attention_mask"] if "index" in batch else None
                 batch = {k: v if k == "index" else v.to(loop.device, non_blocking=True) for k, v in batch.items()}
+                if host_mask is not None:
+                    batch["host_attention_mask"] = host_mask
                 with autocast:
                     losses = step_losses(batch, state.epoch, state.step)
                 log_now = (state.step + 1) % optim.log_every == 0 or state.step + 1 == total
@@ -799,7 +803,7 @@ def cached_teacher(cache: TeacherCache) -> TeacherOutputs:
     """(batch, layers) -> the teacher's logits and states ``layers`` for ``batch["index"]``, read from the cache."""
 
     def outputs(batch, layers):
-        return cache.lookup(batch["index"], batch["attention_mask"], layers)
+        return cache.lookup(batch["index"], batch["attention_mask"], layers, host_mask=batch.get("host_attention_mask"))
 
     return outputs
 

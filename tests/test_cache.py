@@ -268,6 +268,9 @@ def test_lookup_refuses_what_does_not_fit(teacher_dir, tmp_path):
         cache.lookup(batch["index"], batch["attention_mask"], [3])
     with pytest.raises(LayergeoError, match="does not match"):
         cache.lookup(batch["index"].flip(0), batch["attention_mask"])
+    # a mask already on a device (here "meta", as a GPU would hold it) is checked through its host copy
+    with pytest.raises(LayergeoError, match="does not match"):
+        cache.lookup(batch["index"].flip(0), batch["attention_mask"].to("meta"), host_mask=batch["attention_mask"])
     with pytest.raises(LayergeoError, match="out of range"):
         cache.lookup(torch.tensor([64]), torch.ones(1, 8, dtype=torch.long))
 
