@@ -496,6 +496,8 @@ def acute_fraction_points(summary: pd.DataFrame) -> Figure:
     low, high = float(summary["frac_acute"].min()), float(summary["frac_acute"].max())
     pad = max(0.02, 0.08 * (high - low))  # room for markers at 1.0; the axis spans the data, not all of 0..1
     axes[0, 0].set_ylim(max(0.0, low - pad), min(1.0, high) + pad)
+    bottom, _ = axes[0, 0].get_ylim()
+    axes[0, 0].set_yticks([t for t in axes[0, 0].get_yticks() if bottom <= t <= 1.0])  # no tick above a fraction of 1
     if low - pad < 0.5:
         for ax in axes[0]:
             ax.axhline(0.5, ls="--", lw=1, color="0.6", zorder=0)
