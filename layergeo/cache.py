@@ -71,13 +71,14 @@ import numpy as np
 import torch
 
 from layergeo import data
+from layergeo.config import CACHE_DTYPES
 from layergeo.device import precision, step_settings
 from layergeo.errors import LayergeoError
 from layergeo.progress import progress_bar
 from layergeo.runs import now, write_json
 
 FORMAT = 1
-DTYPES = ("float16", "float32")
+DTYPES = CACHE_DTYPES
 META, LOGITS, OFFSETS = "meta.json", "logits.npy", "offsets.npy"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 BATCH_SIZE = 64

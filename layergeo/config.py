@@ -140,8 +140,8 @@ def preset_names() -> list[str]:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))  # the top level of a saved config.yaml
-CACHE_DTYPES = ("float16", "float32")  # = layergeo.cache.DTYPES (not imported: that module needs torch)
-NORMALIZATIONS = ("none", "layernorm", "l2")  # = layergeo.losses.NORMALIZATIONS
+CACHE_DTYPES = ("float16", "float32")  # how the teacher cache stores states (layergeo.cache)
+NORMALIZATIONS = ("none", "layernorm", "l2")  # of the hidden states before matching (layergeo.losses)
 STUDENT_INITS = ("copy", "random")
 SHUFFLE_MODES = ("fair", "any")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers.set_seed) takes no more

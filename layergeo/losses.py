@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from layergeo.config import NORMALIZATIONS
 from layergeo.errors import LayergeoError
-
-NORMALIZATIONS = ("none", "layernorm", "l2")
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

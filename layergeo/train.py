@@ -71,11 +71,10 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_warmup, set_seed
 
 from layergeo import data
-from layergeo.cache import DTYPES as CACHE_DTYPES
 from layergeo.cache import TeacherCache, teacher_digest
 from layergeo.config import OptimConfig, RunConfig
 from layergeo.errors import LayergeoError
-from layergeo.losses import hidden_matching_loss, kl_to_teacher, normalize_states
+from layergeo.losses import hidden_matching_loss, kl_to_teacher
 from layergeo.models import (
     EMBEDDED_TEACHER,
     Student,
@@ -655,16 +654,11 @@ def validate_student_config(config: RunConfig, out: Path) -> tuple[Mapper, data.
         raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
     if config.student.hidden_size is not None:
         student_config(teacher_config, config.student)  # heads must divide the width
-    normalize_states(torch.zeros(1, 1), config.loss.normalize)
-    if config.student.init not in ("copy", "random"):
-        raise LayergeoError(f"unknown student.init {config.student.init!r}; choose 'copy' or 'random'")
     state, _ = distributed_state(config.device)
     check_batch_size(student_optim(config), state.num_processes, "train")
     if owns_teacher(config, out) and not RunDir(teacher_run_dir(config, out)).finished:
         check_batch_size(config.teacher.train, state.num_processes, "teacher.train")
     _check_max_length(config, teacher_config)
-    if config.train.cache_dtype not in CACHE_DTYPES:
-        raise LayergeoError(f"unknown train.cache_dtype {config.train.cache_dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
     labels = getattr(teacher_config, "num_labels", None) if RunDir(teacher_run_dir(config, out)).finished else None
     task = load_task(config)
     if labels is not None and labels != task.num_labels:

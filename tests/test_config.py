@@ -349,14 +349,6 @@ def test_explicit_strategy_needs_pairs():
         load_config(overrides=["matching.strategy=explicit"])
 
 
-def test_range_names_match_the_modules_that_use_them():
-    from layergeo.cache import DTYPES
-    from layergeo.config import CACHE_DTYPES, NORMALIZATIONS
-    from layergeo.losses import NORMALIZATIONS as LOSS_NORMALIZATIONS
-
-    assert CACHE_DTYPES == DTYPES and NORMALIZATIONS == LOSS_NORMALIZATIONS
-
-
 # --------------------------------------------------------------------------------------------
 # Empty and truncated files never silently start the default job
 
