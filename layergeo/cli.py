@@ -206,21 +206,26 @@ def _grid_slice(items: list[str]) -> dict[str, list]:
     return only
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-    from layergeo.runs import RunDir, check_output_path
-    from layergeo.sweep import execute
-
+def _slots(args: argparse.Namespace) -> list[str] | None:
+    """The GPU ids of ``--devices`` (None without it), after checking ``--jobs`` and ``--devices`` together."""
     if args.jobs < 1:
         raise LayergeoError(f"--jobs {args.jobs}: give at least 1 (runs at a time on this machine)")
     if args.devices and args.jobs != 1:
         raise LayergeoError("give either --devices (one run per GPU) or --jobs (runs at a time on the CPU), not both")
-    if not args.dry_run:
-        check_output_path(Path(args.out))
-
-    only = _grid_slice(args.only)
     devices = args.devices.split(",") if args.devices else None
     if devices and not all(d.strip() for d in devices):
         raise LayergeoError(f"--devices {args.devices!r} has an empty item; give GPU ids like 0,1,2,3")
+    return devices
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from layergeo.runs import RunDir, check_output_path
+    from layergeo.sweep import execute
+
+    devices = _slots(args)
+    if not args.dry_run:
+        check_output_path(Path(args.out))
+    only = _grid_slice(args.only)
     if args.launcher != "here" and not args.dry_run:
         from layergeo.config import command_line_value, split_key_value
         from layergeo.sweep import submit
@@ -284,12 +289,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from layergeo.reproduce import reproduce
     from layergeo.runs import check_output_path
 
-    if args.jobs < 1:
-        raise LayergeoError(f"--jobs {args.jobs}: give at least 1 (runs at a time on this machine)")
-    if args.devices and args.jobs != 1:
-        raise LayergeoError("give either --devices (one run per GPU) or --jobs (runs at a time on the CPU), not both")
+    devices = _slots(args)
     check_output_path(Path(args.out))
-    out = reproduce(Path(args.out), full=args.full, jobs=args.jobs, devices=args.devices.split(",") if args.devices else None)
+    out = reproduce(Path(args.out), full=args.full, jobs=args.jobs, devices=devices)
     version = ("the 3-seed recipe on both embedded datasets" if args.full else
                "the quick version (2 seeds: a check that everything runs; see --full and analyses/verdict.yaml)")
     print(f"report, figures and verdict of {version} in {out}")
