@@ -1,8 +1,12 @@
 """``layergeo angles`` and ``layergeo geometry``: measure one run, or compare many.
 
-One pass over the evaluation texts feeds every accumulator of :mod:`layergeo.geometry`.
-Results of a run go to ``<run>/geometry/<checkpoint>-<space>-<source>/`` (so runs with
-other options never overwrite them) or to ``--out``; every file is written atomically.
+One pass over the evaluation texts feeds every accumulator of :mod:`layergeo.geometry`, one set
+per stack of the run's model family. Results of a run go to
+``<run>/geometry/<checkpoint>-<space>-<source>/`` (so runs with other options never overwrite
+them) or to ``--out``; every file is written atomically. A one-stack run (an encoder) writes its
+tables and figures there; a run with several stacks (an encoder-decoder) writes each stack's into
+a subfolder named after it (``encoder/``, ``decoder/``), with the stack in every table and figure
+title, plus ``angles.csv`` of all stacks and a ``summary.json`` holding each stack's summary.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import pandas as pd
 import torch
 
 from layergeo import plots
-from layergeo.collect import LoadedRun, describe, hidden_states, load_run, texts_loader
+from layergeo.collect import LoadedRun, StackView, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
 from layergeo.progress import progress_bar
 from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, update_angles
 from layergeo.data import read_texts_file
 from layergeo.runs import RunDir, atomic_dir, check_output_path, has_content, write_json, write_text
-from layergeo.train import resolve_device
+from layergeo.processes import resolve_device
 
 SPACES = ("student", "teacher")
 
@@ -109,13 +113,13 @@ def mean_thales_ratio(angles: pd.DataFrame) -> float | None:
 
 
 class RunGeometry:
-    """All accumulators for one (run, options) pass."""
+    """All accumulators for one (run, options) pass over one stack."""
 
-    def __init__(self, loaded: LoadedRun, options: AngleOptions):
-        self.loaded, self.options = loaded, options
-        self.n_teacher, self.n_student = loaded.teacher_layers + 1, loaded.student_layers + 1
-        self.projections = [loaded.student.projection_matrix(l) for l in range(self.n_student)]
-        narrow = loaded.student.model.config.hidden_size != loaded.teacher.config.hidden_size
+    def __init__(self, loaded: LoadedRun, options: AngleOptions, view: StackView):
+        self.loaded, self.options, self.view = loaded, options, view
+        self.n_teacher, self.n_student = view.teacher_layers + 1, view.student_layers + 1
+        self.projections = [loaded.student.projection_matrix(l, view.stack) for l in range(self.n_student)]
+        narrow = loaded.student_width != loaded.teacher_width
         self.anchors = [l for l in range(self.n_student) if not narrow or self.projections[l] is not None]
         if not self.anchors:
             raise LayergeoError(
@@ -123,25 +127,26 @@ class RunGeometry:
                 "angles need the learned student->teacher projection"
             )
         self.angles = AngleAccumulator(self.n_student, self.n_teacher, options.bins)
+        self.n_tokens = 0
         if options.extras:
-            d_t = loaded.teacher.config.hidden_size
             self.tt = MeanDistance(self.n_teacher, self.n_teacher)
             self.ts = MeanDistance(self.n_teacher, len(self.anchors))
             self.ss = MeanDistance(self.n_student, self.n_student)
-            self.cka = LinearCKA([d_t] * self.n_teacher, [loaded.student.model.config.hidden_size] * self.n_student)
+            self.cka = LinearCKA([loaded.teacher_width] * self.n_teacher, [loaded.student_width] * self.n_student)
             self.transitions = TransitionCosine(len(self.anchors))
 
     @torch.inference_mode()
     def update(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
         """teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)."""
+        self.n_tokens += teacher.shape[0]
         update_angles(self.angles, teacher, student, self.anchors, self.projections, self.options.space)
         if self.options.extras:
-            projected = torch.stack([self.loaded.student.project(l, student[:, l]) for l in self.anchors], 1)
+            projected = torch.stack([self.loaded.student.project(l, student[:, l], self.view.stack) for l in self.anchors], 1)
             self.tt.update(teacher, teacher)
             self.ts.update(teacher, projected)
             self.ss.update(student, student)
             self.cka.update(list(teacher.unbind(1)), list(student.unbind(1)))
-            forward = [0] + [t for _, t in self.loaded.forward_pairs]
+            forward = [0] + [t for _, t in self.view.forward_pairs]
             self.transitions.update(teacher[:, [forward[l] for l in self.anchors]], projected)
 
 
@@ -160,8 +165,8 @@ def analyse_run(path: str | Path, options: AngleOptions, out: Path | None = None
     if not loaded.run.finished:
         print(f"warning: run {loaded.run.path} has not finished; measuring its {options.checkpoint} checkpoint as it is now",
               file=sys.stderr)
-    limit = int(loaded.teacher.config.max_position_embeddings)
-    if options.max_length is not None and options.max_length > limit:
+    limit = loaded.family.max_positions(loaded.teacher.config)
+    if options.max_length is not None and limit is not None and options.max_length > limit:
         raise LayergeoError(f"--max-length {options.max_length} is above the model's limit of {limit} positions; "
                             f"choose at most {limit}")
     device = resolve_device(options.device)
@@ -169,16 +174,18 @@ def analyse_run(path: str | Path, options: AngleOptions, out: Path | None = None
                                               options.max_examples, options.max_length, options.batch_size)
     if n_examples == 0:
         raise LayergeoError(f"no examples to analyse in {source}")
-    geometry = RunGeometry(loaded, options)
-    n_tokens = 0
+    geometries = {stack: RunGeometry(loaded, options, view) for stack, view in loaded.stacks.items()}
     bar = progress_bar(len(loader), f"angles {loaded.run.path.name} ({options.checkpoint})", unit="batch")
-    for teacher, student in hidden_states(loaded, loader, device):
-        geometry.update(teacher, student)
-        n_tokens += teacher.shape[0]
+    for states in hidden_states(loaded, loader, device):
+        for stack, (teacher, student) in states.items():
+            geometries[stack].update(teacher, student)
         bar.update(1)
     bar.close()
     with atomic_dir(out) as tmp:  # the folder appears complete, or not at all
-        _write(tmp, geometry, options, n_examples, n_tokens, source)
+        if len(geometries) == 1:
+            _write(tmp, next(iter(geometries.values())), options, n_examples, source)
+        else:
+            _write_stacks(tmp, geometries, options, n_examples, source)
     return out
 
 
@@ -195,35 +202,59 @@ def _matches(out: Path, options: AngleOptions, run: RunDir) -> bool:
     recorded = json.loads(summary.read_text()).get("options", {})
     # an analysis with the extras (geometry) also answers a request without them (angles): same folder, a superset
     same = recorded == {**asdict(options), "device": recorded.get("device"), "extras": recorded.get("extras")}
-    return same and (recorded.get("extras") or not options.extras) and (not options.extras or (out / "cka.csv").is_file())
+    has_extras = (out / "cka.csv").is_file() or any(out.glob("*/cka.csv"))
+    return same and (recorded.get("extras") or not options.extras) and (not options.extras or has_extras)
 
 
-def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: int, n_tokens: int, source: str) -> None:
-    loaded = geometry.loaded
+def _write_stacks(out: Path, geometries: dict[str, RunGeometry], options: AngleOptions, n_examples: int, source: str) -> None:
+    """Each stack into ``out/<stack>/``; all stacks' angles in ``out/angles.csv``; summaries in ``out/summary.json``."""
+    stacks = {}
+    for stack, geometry in geometries.items():
+        stacks[stack] = _write(out / stack, geometry, options, n_examples, source)
+    frames = [pd.read_csv(out / stack / "angles.csv") for stack in geometries]
+    write_text(out / "angles.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
+    loaded = next(iter(geometries.values())).loaded
+    keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "thales_ratio")
+    summary = {**describe(loaded), "source": source, "n_examples": n_examples,
+               "n_tokens": {stack: s["n_tokens"] for stack, s in stacks.items()},
+               **{f"{key}_{stack}": s[key] for key in keys for stack, s in stacks.items()},
+               "stacks": stacks, "options": asdict(options)}
+    write_json(out / "summary.json", summary)
+
+
+def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: int, source: str) -> dict:
+    """One stack's tables, figures and summary.json into ``out``; returns the summary."""
+    loaded, view = geometry.loaded, geometry.view
+    several = len(loaded.stacks) > 1
+    n_tokens = geometry.n_tokens
     teacher_labels = [f"T{i}" for i in range(geometry.n_teacher)]
     student_labels = [f"S{l}" for l in range(geometry.n_student)]
     angles = geometry.angles.to_frame().rename(columns={"anchor": "student_layer"})
     angles.insert(3, "space", options.space)
     angles.insert(4, "checkpoint", options.checkpoint)
     hist = geometry.angles.hist_frame().rename(columns={"anchor": "student_layer"})
+    if several:
+        angles.insert(0, "stack", view.stack)
+        hist.insert(0, "stack", view.stack)
     angles = angles[angles.student_layer.isin(geometry.anchors)].reset_index(drop=True)
     hist = hist[hist.student_layer.isin(geometry.anchors)].reset_index(drop=True)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "angles.csv", angles.to_csv(index=False))
     write_text(out / "angle_hist.csv", hist.to_csv(index=False))
-    forward_target = dict(loaded.forward_pairs)
+    forward_target = dict(view.forward_pairs)
     summary = {
         **describe(loaded),
+        **({"stack": view.stack} if several else {}),
         "source": source,
         "n_examples": n_examples,
         "n_tokens": n_tokens,
         "frac_acute": acute_fraction(angles),
-        "frac_acute_matched": acute_fraction(angles, loaded.matched_pairs) if loaded.matched_pairs else None,
-        "frac_acute_forward": acute_fraction(angles, loaded.forward_pairs),
-        "frac_acute_matched_vs_forward": acute_fraction(angles, loaded.matched_pairs, forward_target) if loaded.matched_pairs else None,
+        "frac_acute_matched": acute_fraction(angles, view.matched_pairs) if view.matched_pairs else None,
+        "frac_acute_forward": acute_fraction(angles, view.forward_pairs),
+        "frac_acute_matched_vs_forward": acute_fraction(angles, view.matched_pairs, forward_target) if view.matched_pairs else None,
         "thales_ratio": mean_thales_ratio(angles),
-        "matched_pairs": loaded.matched_pairs,
-        "forward_pairs": loaded.forward_pairs,
+        "matched_pairs": view.matched_pairs,
+        "forward_pairs": view.forward_pairs,
         "n_degenerate": int(angles.n_degenerate.sum()),
         "options": asdict(options),
         "definitions": {
@@ -234,7 +265,8 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             "thales_ratio": "token-weighted mean of |S - (T_i + T_k)/2| / (|T_i - T_k| / 2); > 1 exactly when the angle is acute",
         },
     }
-    name = f"{loaded.run.path.name} ({plots.strategy_label(loaded.strategy)}, {options.checkpoint}, {options.space} space)"
+    where = f"{view.stack} stack, " if several else ""
+    name = f"{loaded.run.path.name} ({where}{plots.strategy_label(loaded.strategy)}, {options.checkpoint}, {options.space} space)"
     plots.save_figure(plots.angle_heatmaps(angles, "frac_acute", f"Fraction of acute angles: {name}"), out / "angles_frac_acute")
     plots.save_figure(plots.angle_heatmaps(angles, "mean_angle_deg", f"Mean angle: {name}"), out / "angles_mean_deg")
     plots.save_figure(plots.cosine_histograms(hist, f"Cosines seen from the student: {name}"), out / "angle_hist")
@@ -264,9 +296,16 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             "transition_cosine": (geometry.transitions.mean(), anchors, anchors, "Structured cosine of layer transitions", "Mean cosine", -1.0, 1.0),
         }
         for stem, (matrix, rows, cols, title, label, vmin, vmax) in figures.items():
-            fig = plots.matrix_heatmap(matrix, rows, cols, f"{title}: {loaded.run.path.name}", label, vmin=vmin, vmax=vmax)
+            suffix = f" ({view.stack} stack)" if several else ""
+            fig = plots.matrix_heatmap(matrix, rows, cols, f"{title}: {loaded.run.path.name}{suffix}", label, vmin=vmin, vmax=vmax)
             plots.save_figure(fig, out / stem)
+    if several:
+        for table in out.glob("*.csv"):
+            frame = pd.read_csv(table)
+            if "stack" not in frame:
+                write_text(table, frame.assign(stack=view.stack)[["stack", *frame.columns]].to_csv(index=False))
     write_json(out / "summary.json", summary)
+    return summary
 
 
 def expand_runs(paths: list[str]) -> list[Path]:
@@ -356,7 +395,8 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
             frames.append(angles.assign(**ident))
             summaries.append({**ident, **{k: summary[k] for k in summary if k.startswith("frac_acute")},
                               "thales_ratio": mean_thales_ratio(angles),
-                              "n_tokens": summary["n_tokens"], "dev_accuracy": summary["dev_accuracy"]})
+                              "n_tokens": summary["n_tokens"], "dev_accuracy": summary.get("dev_accuracy"),
+                              **({"dev_bleu": summary["dev_bleu"]} if "dev_bleu" in summary else {})})
     if not frames:
         raise LayergeoError("none of the runs could be analysed")
     tidy = pd.concat(frames, ignore_index=True)

@@ -29,7 +29,9 @@ EXAMPLES = {
     "mapping": """examples:
   layergeo mapping --teacher-layers 12 --student-layers 3 --strategy reverse --format json
   layergeo mapping --teacher-layers 6 --student-layers 3 --strategy rail --epoch 2
-  layergeo mapping --teacher-layers 12 --student-layers 3 --strategy 1:4,2:8,3:12""",
+  layergeo mapping --teacher-layers 12 --student-layers 3 --strategy 1:4,2:8,3:12
+  layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy shuffle
+  layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy encoder:1:2,decoder:1:6""",
     "angles": """examples:
   layergeo angles --run runs/reverse                       # trained student, dev split, student space
   layergeo angles --run runs/reverse --checkpoint init     # the untrained student (the paper's view)
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--shuffle", choices=["fair", "any"], default="fair", help="shuffle: exclude forward/reverse orders (fair) or not")
     mapping.add_argument("--seed", type=int, default=0, help="seed of shuffle and rail")
     mapping.add_argument("--epoch", type=int, default=0, help="rail: the epoch whose draw to show")
+    mapping.add_argument("--family", default="encoder",
+                         help="model family, encoder (default) or seq2seq: each of its stacks gets the mapping "
+                         "(seq2seq: encoder and decoder, each with its own shuffle and rail draws)")
     mapping.add_argument("--format", choices=["table", "json"], default="table")
     for name, extras in (("angles", "the angles"), ("geometry", "angles, distances, the distance ratio, "
                                                                "debiased linear CKA and the structured cosine of layer transitions (transition_cosine.*)")):
@@ -311,8 +316,11 @@ def run_angles(args: argparse.Namespace) -> int:
     if args.run:
         out = analyse_run(args.run, options, Path(args.out) if args.out else None)
         summary = json.loads((out / "summary.json").read_text())
-        print(f"{summary['n_tokens']} tokens of {summary['n_examples']} examples: {summary['frac_acute']:.1%} of the "
-              f"angles at the student are acute; tables and figures in {out}")
+        per_stack = summary.get("stacks", {"": summary})
+        for stack, part in per_stack.items():
+            print(f"{stack + ' stack: ' if stack else ''}{part['n_tokens']} tokens of {summary['n_examples']} examples: "
+                  f"{part['frac_acute']:.1%} of the angles at the student are acute")
+        print(f"tables and figures in {out}" + (f" ({', '.join(f'{s}/' for s in per_stack)} per stack)" if len(per_stack) > 1 else ""))
         return 0
     out = Path(args.out or "angles-comparison")
     table = compare_runs(args.runs, options, checkpoints, out)
@@ -341,14 +349,18 @@ def run_training(args: argparse.Namespace) -> int:
 
     if not PartialState().is_main_process:  # one of several launched processes: the main one reports
         return 0
-    dev, test = results["dev"], results["test"]
-    print(f"{args.command} run written to {out}: dev accuracy {100 * dev['accuracy']:.1f}%, test accuracy "
-          f"{100 * test['accuracy']:.1f}%, {results['steps']} steps in {results['wall_time_s']:.0f} s")
+    from layergeo.families import get_family
+
+    family = get_family(config.teacher.family)
+    dev, test = family.describe_metrics(results["dev"]), family.describe_metrics(results["test"])
+    print(f"{args.command} run written to {out}: dev {dev}, test {test}, {results['steps']} steps in "
+          f"{results['wall_time_s']:.0f} s")
     return 0
 
 
 def run_mapping(args: argparse.Namespace) -> int:
-    from layergeo.strategies import MappingOptions, build_mapper
+    from layergeo.families import get_family
+    from layergeo.strategies import MappingOptions, build_mapping
 
     for flag, value in (("--teacher-layers", args.teacher_layers), ("--student-layers", args.student_layers)):
         if value < 1:
@@ -361,18 +373,23 @@ def run_mapping(args: argparse.Namespace) -> int:
         raise LayergeoError(f"the student ({args.student_layers} layers) is deeper than its teacher "
                             f"({args.teacher_layers} layers); choose --student-layers <= {args.teacher_layers}")
     options = MappingOptions(strategy=args.strategy, embeddings=not args.no_embeddings, target=args.target, shuffle=args.shuffle)
-    mapper = build_mapper(options, args.teacher_layers, args.student_layers, args.seed)
-    pairs = mapper.pairs_at(args.epoch, 0)
+    stacks = get_family(args.family).stacks
+    mapping = build_mapping(options, {stack: (args.teacher_layers, args.student_layers) for stack in stacks}, args.seed)
+    per_stack = mapping.pairs_at(args.epoch, 0)
     if args.format == "json":
-        print(json.dumps({"strategy": mapper.name, "pairs": [list(p) for p in pairs]}))
+        logged = mapping.logged(args.epoch, 0)
+        pairs = [list(p) for p in logged] if isinstance(logged, list) else {k: [list(p) for p in v] for k, v in logged.items()}
+        print(json.dumps({"strategy": mapping.name, "pairs": pairs}))
         return 0
-    print(f"strategy {mapper.name}: {args.teacher_layers}-layer teacher, {args.student_layers}-layer student"
-          + (f" ({mapper.note})" if mapper.note else "") + (f", epoch {args.epoch} draw" if mapper.dynamic else ""))
-    print("student  teacher")
-    for s, t in pairs:
-        print(f"S{s:<7} T{t}")
-    if not pairs:
-        print("(no pairs)")
+    each = " per stack" if len(stacks) > 1 else ""
+    print(f"strategy {mapping.name}: {args.teacher_layers}-layer teacher, {args.student_layers}-layer student{each}"
+          + (f" ({mapping.note})" if mapping.note else "") + (f", epoch {args.epoch} draw" if mapping.dynamic else ""))
+    for stack, pairs in per_stack.items():
+        print(("" if len(stacks) == 1 else f"{stack}\n") + "student  teacher")
+        for s, t in pairs:
+            print(f"S{s:<7} T{t}")
+        if not pairs:
+            print("(no pairs)")
     return 0
 
 

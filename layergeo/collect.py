@@ -1,12 +1,14 @@
 """Load a finished run's teacher and student, and stream their hidden states over texts.
 
-Only non-padding tokens are kept ([CLS] and [SEP] included): for each batch the
-teacher states come out as (N, L_T+1, d_t) and the student states as
-(N, L_S+1, d_s), N = number of real tokens in the batch.
+Only the positions that count are kept, per stack (an encoder's non-padding tokens, [CLS] and
+[SEP] included; a decoder's non-padding target tokens, teacher-forced on the reference): for
+each batch and stack the teacher states come out as (N, L_T+1, d_t) and the student states as
+(N, L_S+1, d_s), N = number of positions kept in the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,23 @@ from transformers import PreTrainedModel
 from layergeo import data
 from layergeo.config import RunConfig
 from layergeo.errors import LayergeoError
-from layergeo.models import Student, load_checkpoint, width
+from layergeo.families import Family, get_family
+from layergeo.models import Student
 from layergeo.runs import RunDir
 from layergeo.strategies import Pair, forward_targets
 
 CHECKPOINTS = ("init", "best")
+
+
+@dataclass
+class StackView:
+    """One stack of a loaded run: what its geometry needs besides the states."""
+
+    stack: str
+    teacher_layers: int
+    student_layers: int
+    matched_pairs: list[Pair]  # every (student, teacher) pair of this stack realised during training
+    forward_pairs: list[Pair]  # the pairs forward matching would have used
 
 
 @dataclass
@@ -32,20 +46,25 @@ class LoadedRun:
     run: RunDir
     config: RunConfig
     checkpoint: str
+    family: Family
     teacher: PreTrainedModel
     student: Student
     tokenizer: object
     strategy: str
-    matched_pairs: list[Pair]  # every (student, teacher) pair realised during training
-    forward_pairs: list[Pair]  # the pairs forward matching would have used
+    stacks: dict[str, StackView]
 
     @property
-    def teacher_layers(self) -> int:
-        return int(self.teacher.config.num_hidden_layers)
+    def teacher_width(self) -> int:
+        return self.family.width(self.teacher.config)
 
     @property
-    def student_layers(self) -> int:
-        return int(self.student.model.config.num_hidden_layers)
+    def student_width(self) -> int:
+        return self.family.width(self.student.model.config)
+
+    @property
+    def one_stack(self) -> StackView | None:
+        """The only stack of a one-stack family; None when there are several."""
+        return next(iter(self.stacks.values())) if len(self.stacks) == 1 else None
 
 
 def teacher_dir_of(run: RunDir, config: RunConfig) -> Path:
@@ -75,19 +94,26 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
         raise LayergeoError(f"run {run.path} has no checkpoints/{checkpoint}; finish it with layergeo train --resume")
     teacher_checkpoint = RunDir(teacher_dir_of(run, config)).checkpoint("best")
     _check_teacher_identity(run, teacher_checkpoint)
-    teacher, teacher_tokenizer = load_checkpoint(teacher_checkpoint)
-    student, tokenizer = Student.load(folder, width(teacher.config))
+    family = get_family(config.teacher.family)
+    teacher, teacher_tokenizer = family.load_checkpoint(teacher_checkpoint)
+    student, tokenizer = Student.load(folder, family.width(teacher.config), family)
     if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise LayergeoError(f"the student in {folder} uses a different tokenizer from its teacher; they must share one")
-    if student.model.config.vocab_size != teacher.config.vocab_size:
-        raise LayergeoError(f"the student in {folder} has a vocabulary of {student.model.config.vocab_size}, "
-                            f"its teacher {teacher.config.vocab_size}; they must share one")
+    vocab = {name: model.get_input_embeddings().num_embeddings for name, model in (("student", student.model), ("teacher", teacher))}
+    if vocab["student"] != vocab["teacher"]:
+        raise LayergeoError(f"the student in {folder} has a vocabulary of {vocab['student']}, "
+                            f"its teacher {vocab['teacher']}; they must share one")
     mappings = run.mappings()
     strategy = mappings[0]["strategy"] if mappings else config.matching.strategy
-    matched = sorted({(s, t) for m in mappings for s, t in m["pairs"]})
-    n_teacher, n_student = int(teacher.config.num_hidden_layers), int(student.model.config.num_hidden_layers)
-    forward = [(j + 1, t) for j, t in enumerate(forward_targets(n_teacher, n_student))]
-    return LoadedRun(run, config, checkpoint, teacher.eval(), student.eval(), tokenizer, strategy, matched, forward)
+    teacher_depths, student_depths = family.depths(teacher.config), family.depths(student.model.config)
+    stacks = {}
+    for stack in family.stacks:
+        logged = [m["pairs"] if isinstance(m["pairs"], list) else m["pairs"].get(stack, []) for m in mappings]
+        matched = sorted({(s, t) for pairs in logged for s, t in pairs})
+        n_teacher, n_student = teacher_depths[stack], student_depths[stack]
+        forward = [(j + 1, t) for j, t in enumerate(forward_targets(n_teacher, n_student))]
+        stacks[stack] = StackView(stack, n_teacher, n_student, matched, forward)
+    return LoadedRun(run, config, checkpoint, family, teacher.eval(), student.eval(), tokenizer, strategy, stacks)
 
 
 def _check_teacher_identity(run: RunDir, checkpoint: Path) -> None:
@@ -108,33 +134,55 @@ def texts_loader(loaded: LoadedRun, split: str = "dev", texts: Path | None = Non
     Returns (loader, n_examples, source description). Sentences from a file are
     truncated at the model's maximum length, dataset splits at the run's data.max_length.
     """
+    family = loaded.family
     if texts is not None:
+        if family.name != "encoder":
+            raise LayergeoError(f"--texts gives sources without targets, and a {family.name} run's decoder states need "
+                                "the target; measure a split (--split dev) instead")
         lines = data.read_texts_file(texts)[:max_examples]
         frame = data.pd.DataFrame({"text": lines, "label": 0})
         columns, source = ("text",), f"texts:{texts}"
         limit = max_length or int(loaded.teacher.config.max_position_embeddings) - 2
+        encoded = data.encode(frame, loaded.tokenizer, columns, limit)
+        n = len(frame)
     else:
         if split not in ("train", "dev", "test"):
             raise LayergeoError(f"unknown split {split!r}; choose train, dev or test")
-        cap = {split: max_examples} if max_examples else None
-        task = data.load_task(loaded.config.data.task, max_examples=cap, seed=loaded.config.seed)
-        frame, columns, source = task.splits[split], task.text_columns, f"{task.name}:{split}"
-        limit = max_length or loaded.config.data.max_length
-    encoded = data.encode(frame, loaded.tokenizer, columns, limit)
-    return data.make_loader(encoded, loaded.tokenizer, batch_size, shuffle=False, seed=0), len(frame), source
+        config = loaded.config  # the whole split (the run's data.max_eval cap is not applied), cut at max_length
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, max_length=max_length or config.data.max_length,
+            max_target_length=max_length or config.data.max_target_length, max_eval=None, max_train=None))
+        task = family.load_task(config)
+        if max_examples:
+            task = dataclasses.replace(task, splits={**task.splits, split: _first_sample(task.splits[split], max_examples, config.seed)})
+        encoded = family.encode(config, task, split, loaded.tokenizer, loaded.teacher.config)
+        source, n = f"{task.name}:{split}", len(encoded)
+    loader = data.make_loader(encoded, loaded.tokenizer, batch_size, shuffle=False, seed=0,
+                              collate_fn=family.collator(loaded.tokenizer, loaded.teacher))
+    return loader, n, source
+
+
+def _first_sample(frame, cap: int, seed: int):
+    """At most ``cap`` rows of a split: the seeded sample :func:`layergeo.data.load_task` draws for a cap."""
+    return data._cap(data.TaskData("-", ("-", "-"), (), {"train": frame, "dev": frame, "test": frame}, "-"),
+                     {"dev": cap}, seed).splits["dev"]
 
 
 @torch.inference_mode()
-def hidden_states(loaded: LoadedRun, loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)) float32 states of the real tokens of each batch."""
+def hidden_states(loaded: LoadedRun, loader, device: torch.device) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Yield, per batch, stack -> (teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)) float32 states of its positions."""
+    family = loaded.family
     loaded.teacher.to(device)
     loaded.student.to(device)
     for batch in loader:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        keep = inputs["attention_mask"].bool()
-        teacher = loaded.teacher(**inputs, output_hidden_states=True).hidden_states
-        student = loaded.student(**inputs).hidden_states
-        yield torch.stack([h[keep] for h in teacher], 1).float(), torch.stack([h[keep] for h in student], 1).float()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = family.inputs(batch)
+        teacher = family.hidden_states(loaded.teacher(**inputs, output_hidden_states=True))
+        student = family.hidden_states(loaded.student(**inputs))
+        masks = family.masks(batch)
+        yield {stack: (torch.stack([h[masks[stack].bool()] for h in teacher[stack]], 1).float(),
+                       torch.stack([h[masks[stack].bool()] for h in student[stack]], 1).float())
+               for stack in family.stacks}
 
 
 def describe(loaded: LoadedRun) -> dict:
@@ -147,6 +195,6 @@ def describe(loaded: LoadedRun) -> dict:
         "seed": loaded.config.seed,
         "checkpoint": loaded.checkpoint,
         "task": loaded.config.data.task,
-        "dev_accuracy": results.get("dev", {}).get("accuracy"),
-        "dev_accuracy_n_examples": results.get("dev", {}).get("n"),  # the run's data.max_eval cap, not the angles' examples
+        f"dev_{loaded.family.metric}": results.get("dev", {}).get(loaded.family.metric),
+        f"dev_{loaded.family.metric}_n_examples": results.get("dev", {}).get("n"),  # the run's data.max_eval cap, not the angles' examples
     }

@@ -22,13 +22,14 @@ from typing import Any
 import yaml
 
 from layergeo.errors import LayergeoError
-from layergeo.strategies import MappingOptions, parse_pairs, strategy_names
+from layergeo.strategies import MappingOptions, parse_stack_pairs, strategy_names
 
 
 @dataclass
 class DataConfig:
-    task: str = "rotten_tomatoes"  # rotten_tomatoes, bbc_news, a local .csv/.jsonl, glue/<task> (online)
-    max_length: int = 64  # tokens; 64 covers 99.9% of Rotten Tomatoes snippets
+    task: str = "rotten_tomatoes"  # rotten_tomatoes, bbc_news, a local .csv/.jsonl, glue/<task> (online); seq2seq: kjv_bbe, bbc_headlines
+    max_length: int = 64  # tokens; 64 covers 99.9% of Rotten Tomatoes snippets (seq2seq: of the source)
+    max_target_length: int = 64  # seq2seq only: target tokens (the reference is truncated to this)
     max_train: int | None = None  # cap on training examples (deterministic subset)
     max_eval: int | None = None  # cap on dev and test examples
 
@@ -65,14 +66,18 @@ class OptimConfig:
 class TeacherConfig:
     dir: str | None = None  # a teacher run directory; null = fine-tune one into <out>/teacher (reused when complete)
     model: str = "minilm"  # minilm (embedded all-MiniLM-L6-v2), tiny-bert (random), a hub name or a local path
+    family: str = "encoder"  # encoder (classifier) | seq2seq (encoder-decoder); see layergeo/families
     train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=5e-5))
 
 
 @dataclass
 class StudentConfig:
-    layers: int = 3
+    layers: int = 3  # per stack (an encoder-decoder student has this many encoder and decoder layers)
+    decoder_layers: int | None = None  # seq2seq only: decoder depth when it differs from layers
     init: str = "copy"  # copy: teacher embeddings + copy_layers; random: from the config
-    copy_layers: list[int] | None = None  # teacher layers (1-based) to copy; null = the forward targets
+    copy_layers: list[int] | None = None  # teacher layers (1-based) to copy, in every stack; null = copy_rule
+    copy_rule: str = "forward"  # forward: the forward targets (BERT, BART) | first_last: keep first and last (T5, Qwen3)
+    freeze_embeddings: bool = False  # keep the student's token and position embeddings fixed (the authors' seq2seq scripts)
     hidden_size: int | None = None  # narrower student; null = the teacher's width
     intermediate_size: int | None = None  # null = teacher's FFN ratio x hidden_size
     num_heads: int | None = None  # null = the teacher's head count, reduced until it divides hidden_size
@@ -88,6 +93,14 @@ class LossConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How generating families (seq2seq) decode on dev and test."""
+
+    num_beams: int = 1  # 1 = greedy
+    max_new_tokens: int | None = None  # null = data.max_target_length
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -97,6 +110,7 @@ class RunConfig:
     matching: MappingOptions = field(default_factory=MappingOptions)
     loss: LossConfig = field(default_factory=LossConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -139,10 +153,12 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("layergeo.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))  # the top level of a saved config.yaml
+OPTIONAL_SECTIONS = ("generation",)  # added after runs were saved without it: missing = the defaults
+SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in OPTIONAL_SECTIONS)  # a saved config.yaml has them
 CACHE_DTYPES = ("float16", "float32")  # how the teacher cache stores states (layergeo.cache)
 NORMALIZATIONS = ("none", "layernorm", "l2")  # of the hidden states before matching (layergeo.losses)
 STUDENT_INITS = ("copy", "random")
+COPY_RULES = ("forward", "first_last")
 SHUFFLE_MODES = ("fair", "any")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers.set_seed) takes no more
 
@@ -211,10 +227,15 @@ def validate(config: RunConfig) -> RunConfig:
     _integer("data.max_length", data.max_length, 2)
     _integer("data.max_train", data.max_train, 1, optional=True)
     _integer("data.max_eval", data.max_eval, 1, optional=True)
+    _integer("data.max_target_length", data.max_target_length, 2)
+    _integer("generation.num_beams", config.generation.num_beams, 1)
+    _integer("generation.max_new_tokens", config.generation.max_new_tokens, 1, optional=True)
     _optim(config.teacher.train, "teacher.train.")
     student = config.student
     _integer("student.layers", student.layers, 1)
+    _integer("student.decoder_layers", student.decoder_layers, 1, optional=True)
     _choice("student.init", student.init, STUDENT_INITS)
+    _choice("student.copy_rule", student.copy_rule, COPY_RULES)
     if student.copy_layers is not None:
         for layer in student.copy_layers:
             _integer("student.copy_layers", layer, 1, rule="every item must be a teacher layer >= 1 (1-based)")
@@ -272,7 +293,7 @@ def _matching(options: MappingOptions) -> None:
         if text is None:
             continue
         try:
-            pairs = parse_pairs(text)
+            pairs = [pair for stack in parse_stack_pairs(text).values() for pair in stack]
         except LayergeoError as exc:
             raise LayergeoError(f"config key {key!r}: {exc}") from None
         for s, t in pairs:

@@ -465,11 +465,13 @@ def encode(df: pd.DataFrame, tokenizer, text_columns: tuple[str, ...], max_lengt
 
 
 def make_loader(
-    encoded: EncodedSplit, tokenizer, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False
+    encoded: Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Batches of padded tensors: the model inputs, "labels" and "index" (positions in the split).
 
     The shuffle order comes from a torch.Generator seeded by `seed`, so it is reproducible.
+    `collate_fn`: the model family's collator (default: pad the inputs of a classification split).
     """
     if batch_size < 1:
         raise LayergeoError(f"batch_size={batch_size}; use a positive integer")
@@ -480,7 +482,7 @@ def make_loader(
         batch_size=batch_size,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
+        collate_fn=collate_fn or DataCollatorWithPadding(tokenizer, return_tensors="pt"),
         pin_memory=pin_memory,
     )
 

@@ -18,7 +18,8 @@ from layergeo.analyse import AngleOptions, compare_runs, expand_runs
 from layergeo.report import collect_results
 from layergeo.runs import read_jsonl
 
-METRIC_LABELS = {"test_accuracy": "Test accuracy (%)", "test_macro_f1": "Test macro-F1 (%)", "dev_accuracy": "Dev accuracy (%)"}
+METRIC_LABELS = {"test_accuracy": "Test accuracy (%)", "test_macro_f1": "Test macro-F1 (%)", "dev_accuracy": "Dev accuracy (%)",
+                 "test_bleu": "Test BLEU", "test_chrf": "Test chrF", "dev_bleu": "Dev BLEU"}
 LOSS_TERMS = ("ce", "kl", "hidden", "grad_norm", "grad_norm_ce", "grad_norm_kl", "grad_norm_hidden")
 
 

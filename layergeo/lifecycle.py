@@ -31,7 +31,7 @@ class AlreadyFinished(Exception):
 
 def resolved(config: RunConfig, out: Path, kind: str) -> RunConfig:
     """The configuration as the run saves it: a student's own teacher is ``<out>/teacher``, absolute."""
-    from layergeo.train import owns_teacher
+    from layergeo.teacher import owns_teacher
 
     if kind == "train" and owns_teacher(config, out):
         config.teacher.dir = str((out / "teacher").resolve())
@@ -43,7 +43,8 @@ def check_run(kind: str, config: RunConfig, out: Path, resume: bool, overwrite: 
 
     Raises LayergeoError, or AlreadyFinished for ``--resume`` of a finished run.
     """
-    from layergeo.train import validate_student_config, validate_teacher_config
+    from layergeo.distil import validate_student_config
+    from layergeo.teacher import validate_teacher_config
 
     check_out_dir(out, resume, overwrite)
     run = RunDir(out)
@@ -69,7 +70,9 @@ def execute_run(kind: str, config: RunConfig, out: Path, resume: bool = False, o
     the lock and writes. ``wait``: wait for another writer of ``out`` instead of refusing.
     Returns the run's results.
     """
-    from layergeo.train import distil_student, distributed_state, fine_tune_teacher, on_main
+    from layergeo.distil import distil_student
+    from layergeo.processes import distributed_state, on_main
+    from layergeo.teacher import fine_tune_teacher
 
     out = Path(out)
     config = resolved(config, out, kind)

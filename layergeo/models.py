@@ -1,8 +1,10 @@
-"""Teachers and students: load any Hugging Face encoder, build shallower or narrower students.
+"""Encoder classifiers, and the student wrapper every family shares.
 
-Works for any ``AutoModelForSequenceClassification`` encoder whose layers sit in
-one ``nn.ModuleList`` (BERT, RoBERTa, MPNet, DistilBERT, ELECTRA, ...): the layer
-stack is found by its length, not by a per-family table.
+Loads any ``AutoModelForSequenceClassification`` encoder whose layers sit in one
+``nn.ModuleList`` (BERT, RoBERTa, MPNet, DistilBERT, ELECTRA, ...): the layer stack is
+found by its length, not by a per-family table (:func:`find_stack`, also used by the
+seq2seq family). :class:`Student` adds the student->teacher projections of a narrower
+student to a model of any family.
 """
 
 from __future__ import annotations
@@ -109,11 +111,7 @@ def width(config: PretrainedConfig) -> int:
 
 def layer_stack(model: PreTrainedModel) -> nn.ModuleList:
     """The encoder's list of transformer layers (``encoder.layer``, ``transformer.layer``, ...)."""
-    n = depth(model.config)
-    for _, module in model.base_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise LayergeoError(f"cannot find the {n} layers of {type(model).__name__}; it is not a supported encoder")
+    return find_stack(model.base_model, depth(model.config), "the encoder")
 
 
 def student_config(teacher: PretrainedConfig, spec: StudentConfig) -> PretrainedConfig:
@@ -140,29 +138,39 @@ def student_config(teacher: PretrainedConfig, spec: StudentConfig) -> Pretrained
 
 
 class Student(nn.Module):
-    """A student classifier plus bias-free student->teacher projections (one per matched state).
+    """A student model plus bias-free student->teacher projections (one per matched state).
 
-    ``projections[str(l)]`` maps S_l (width d_s) to the teacher width d_t; there are
-    none when the widths agree, and matching then compares states directly.
+    ``matched_states``: the student indices that are ever matched, per stack (``{"encoder": [0, 1]}``),
+    or a plain list for a one-stack model. The projection of S_l of stack k maps width d_s to the
+    teacher width d_t; it is stored as ``projections["l"]`` in a one-stack model and as
+    ``projections["k_l"]`` when there are several stacks. There are none when the widths agree, and
+    matching then compares states directly.
     """
 
-    def __init__(self, model: PreTrainedModel, teacher_width: int, matched_states: list[int]):
+    def __init__(self, model: PreTrainedModel, teacher_width: int, matched_states: list[int] | dict[str, list[int]],
+                 student_width: int | None = None):
         super().__init__()
         self.model = model
         self.teacher_width = teacher_width
-        d_s = width(model.config)
+        self.stacks = list(matched_states) if isinstance(matched_states, dict) else [None]
+        per_stack = matched_states if isinstance(matched_states, dict) else {None: matched_states}
+        self.student_width = d_s = student_width or width(model.config)
         self.projections = nn.ModuleDict(
-            {str(s): nn.Linear(d_s, teacher_width, bias=False) for s in matched_states} if d_s != teacher_width else {}
+            {self._key(k, s): nn.Linear(d_s, teacher_width, bias=False) for k, states in per_stack.items() for s in states}
+            if d_s != teacher_width else {}
         )
 
-    def project(self, index: int, state: torch.Tensor) -> torch.Tensor:
+    def _key(self, stack: str | None, index: int) -> str:
+        return str(index) if len(self.stacks) == 1 else f"{stack}_{index}"
+
+    def project(self, index: int, state: torch.Tensor, stack: str | None = None) -> torch.Tensor:
         """(..., d_s) -> (..., d_t); identity when the widths agree."""
-        key = str(index)
+        key = self._key(stack, index)
         return self.projections[key](state) if key in self.projections else state
 
-    def projection_matrix(self, index: int) -> torch.Tensor | None:
+    def projection_matrix(self, index: int, stack: str | None = None) -> torch.Tensor | None:
         """W_l of shape (d_t, d_s), or None when S_l is compared directly."""
-        key = str(index)
+        key = self._key(stack, index)
         return self.projections[key].weight.detach() if key in self.projections else None
 
     def forward(self, **batch):
@@ -172,13 +180,17 @@ class Student(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        if width(self.model.config) != self.teacher_width:  # written even when empty: a narrow student matched to nothing
+        if self.student_width != self.teacher_width:  # written even when empty: a narrow student matched to nothing
             save_file({k: m.weight.detach().contiguous().cpu() for k, m in self.projections.items()}, path / PROJECTIONS_FILE)
 
     @classmethod
-    def load(cls, path: str | Path, teacher_width: int) -> tuple["Student", object]:
+    def load(cls, path: str | Path, teacher_width: int, family=None) -> tuple["Student", object]:
+        """A saved student; ``family`` (a :class:`layergeo.families.Family`, default the encoder) reads the model."""
+        from layergeo.families import get_family
+
+        family = family or get_family("encoder")
         path = Path(path)
-        model, tokenizer = load_checkpoint(path)
+        model, tokenizer = family.load_checkpoint(path)
         file = path / PROJECTIONS_FILE
         weights = {}
         if file.is_file():
@@ -186,21 +198,53 @@ class Student(nn.Module):
                 weights = load_file(file)
             except Exception as exc:  # safetensors raises its own error types
                 raise LayergeoError(f"{file} is corrupt ({exc}); re-run training to rewrite it") from None
-        student = cls(model, teacher_width, sorted(int(k) for k in weights))
-        if width(model.config) != teacher_width and not file.is_file():
+        d_s = family.width(model.config)
+        if len(family.stacks) == 1:
+            matched: list[int] | dict[str, list[int]] = sorted(int(k) for k in weights)
+        else:
+            matched = {stack: sorted(int(k.rpartition("_")[2]) for k in weights if k.rpartition("_")[0] == stack)
+                       for stack in family.stacks}
+        student = cls(model, teacher_width, matched, student_width=d_s)
+        if d_s != teacher_width and not file.is_file():
             raise LayergeoError(
-                f"student in {path} is {width(model.config)} wide but the teacher is {teacher_width} and "
+                f"student in {path} is {d_s} wide but the teacher is {teacher_width} and "
                 f"{PROJECTIONS_FILE} is missing; the checkpoint is incomplete"
             )
         for key, weight in weights.items():
-            if tuple(weight.shape) != (teacher_width, width(model.config)):
+            if key not in student.projections or tuple(weight.shape) != (teacher_width, d_s):
                 raise LayergeoError(f"projection {key} in {file} has shape {tuple(weight.shape)}; it does not fit this teacher")
             student.projections[key].weight.data.copy_(weight)
         return student, tokenizer
 
 
+def find_stack(module: nn.Module, n: int, what: str) -> nn.ModuleList:
+    """The first ``nn.ModuleList`` of length ``n`` inside ``module`` (its layers), found by length, not by name."""
+    for _, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return child
+    raise LayergeoError(f"cannot find the {n} layers of {what} in {type(module).__name__}; it is not a supported model")
+
+
+def copy_chosen_layers(teacher: nn.ModuleList, student: nn.ModuleList, chosen: list[int]) -> None:
+    """Student layer j <- teacher layer ``chosen[j]`` (1-based).
+
+    A parameter the student's layer has and the chosen teacher layer lacks (T5 keeps its relative
+    position bias in layer 0 only) comes from the teacher layer at the student's position j.
+    """
+    for j, k in enumerate(chosen):
+        missing = student[j].load_state_dict(teacher[k - 1].state_dict(), strict=False).missing_keys
+        if missing:
+            same_place = teacher[j].state_dict()
+            student[j].load_state_dict({name: same_place[name] for name in missing}, strict=False)
+
+
 def build_student(teacher: PreTrainedModel, spec: StudentConfig, matched_states: list[int], copy_layers: list[int]) -> Student:
-    """A student from the teacher's config: random init, or teacher embeddings + ``copy_layers`` (1-based).
+    """A :class:`Student` of an encoder classifier (see :func:`build_encoder_student`)."""
+    return Student(build_encoder_student(teacher, spec, copy_layers), width(teacher.config), matched_states)
+
+
+def build_encoder_student(teacher: PreTrainedModel, spec: StudentConfig, copy_layers: list[int]) -> PreTrainedModel:
+    """A classifier from the teacher's config: random init, or teacher embeddings + ``copy_layers`` (1-based).
 
     The classification head stays random under both inits, as in the paper.
     """
@@ -219,7 +263,7 @@ def build_student(teacher: PreTrainedModel, spec: StudentConfig, matched_states:
         if spec.hidden_size is not None and spec.hidden_size != width(teacher.config):
             raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
         _copy_weights(teacher, model, copy_layers)
-    return Student(model, width(teacher.config), matched_states)
+    return model
 
 
 def _copy_weights(teacher: PreTrainedModel, student: PreTrainedModel, copy_layers: list[int]) -> None:
@@ -240,4 +284,4 @@ def _copy_weights(teacher: PreTrainedModel, student: PreTrainedModel, copy_layer
     }
     student.base_model.load_state_dict({k: v.detach() for k, v in base_state.items()}, strict=False)
     for j, k in enumerate(copy_layers):
-        student_layers[j].load_state_dict(teacher_layers[k - 1].state_dict())
+        student_layers[j].load_state_dict(teacher_layers[k - 1].state_dict())  # encoder layers are alike: strict

@@ -23,7 +23,10 @@ from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label, task_lab
 from layergeo.runs import read_json, write_text
 from layergeo.stats import ALPHA, compare_family
 
-METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc"}
+METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc",
+           "test_bleu": "test BLEU", "test_chrf": "test chrF", "dev_bleu": "dev BLEU"}
+PERCENT = ("accuracy", "macro_f1", "majority_rate")  # fractions in results.json, shown in %
+SCORES = ("bleu", "chrf")  # generation scores, already 0-100 (sacrebleu)
 SETTING_KEYS = ["student_layers", "hidden_size", "normalize", "alpha_hidden"]
 STAT_COLUMNS = ["n_seeds", "mean_diff", "sd_diff", "d_z", "t", "p", "p_holm", "ci_level", "ci_low", "ci_high",
                 "bca_low", "bca_high", "answer"]
@@ -56,19 +59,24 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
             "hidden_size": config["student"]["hidden_size"] or "teacher",
             "normalize": config["loss"]["normalize"],
             "alpha_hidden": config["loss"]["alpha_hidden"],
-            "teacher_test_accuracy": 100 * results["teacher_results"]["test"]["accuracy"],
+            **_teacher_score(results["teacher_results"]["test"]),
             **{column: config[section].get(key) for column, (section, key) in (config_keys or {}).items()},
         }
         for split in ("dev", "test"):
-            for metric in ("accuracy", "macro_f1", "majority_rate"):
+            for metric in (*PERCENT, *SCORES):
                 if metric in results[split]:
-                    row[f"{split}_{metric}"] = 100 * results[split][metric]
+                    row[f"{split}_{metric}"] = (100 if metric in PERCENT else 1) * results[split][metric]
             if "predicted_classes" in results[split]:
                 row[f"{split}_predicted_classes"] = results[split]["predicted_classes"]
         rows.append(row)
     if not rows:
         raise LayergeoError(f"no finished student runs under {root}; run a sweep first (layergeo sweep GRID.yaml)")
     return pd.DataFrame(rows)
+
+
+def _teacher_score(test: dict) -> dict:
+    """The teacher's test accuracy (%) of a classifier, or its test BLEU of a generating model."""
+    return {"teacher_test_accuracy": 100 * test["accuracy"]} if "accuracy" in test else {"teacher_test_bleu": test["bleu"]}
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:

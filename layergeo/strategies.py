@@ -8,6 +8,12 @@ T0..T_{L_T}, a student of depth L_S has S0..S_{L_S}. A mapping is a list of
 Strategies are registered with ``@register("name")``; each builds a
 :class:`Mapper` that realises the pairs used at a given epoch and step. Only
 ``rail`` changes during training; every other mapping is fixed for the run.
+
+A model family may have several stacks of layers (an encoder-decoder has ``encoder`` and
+``decoder``). :func:`build_mapping` applies the strategy to each stack on its own, as the
+authors did: the same rule per stack, with stack k's random draws (shuffle, rail) from their own
+stream ``[seed, ..., k]``; stack 0 draws exactly what a one-stack run draws. Explicit pairs name
+their stack (``encoder:1:4,decoder:1:4``); plain ``1:4`` is valid for a one-stack family.
 """
 
 from __future__ import annotations
@@ -39,6 +45,60 @@ def forward_targets(teacher_layers: int, student_layers: int) -> list[int]:
     """Evenly spaced teacher layers: student layer j -> ceil(j * L_T / L_S), j = 1..L_S."""
     _check_depths(teacher_layers, student_layers)
     return [math.ceil(j * teacher_layers / student_layers) for j in range(1, student_layers + 1)]
+
+
+# "Keep first and last": the authors' copy maps (paper notes sections 3.2 and 3.3), 0-based teacher
+# layers by teacher depth and student depth (T5-base 12 layers, Qwen3-8B 36). Other depths use
+# evenly spaced layers rounded half up, both ends kept (12 -> 3, 6 and 36 -> 9 agree with that
+# rule except in a few rounded places, which is why the published maps are listed).
+_FIRST_LAST = {
+    12: {3: [0, 6, 11], 6: [0, 2, 4, 7, 9, 11], 9: [0, 1, 2, 5, 6, 7, 9, 10, 11]},
+    36: {9: [0, 4, 9, 13, 18, 22, 27, 31, 35]},
+}
+
+
+def first_last_targets(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layers (1-based) to copy that keep the first and the last: 12 -> 3 gives 1, 7, 12."""
+    _check_depths(teacher_layers, student_layers)
+    table = _FIRST_LAST.get(teacher_layers, {})
+    if student_layers in table:
+        return [k + 1 for k in table[student_layers]]
+    if student_layers == 1:
+        return [1]
+    spaced = np.floor(np.linspace(0, teacher_layers - 1, student_layers) + 0.5).astype(int)
+    return [int(k) + 1 for k in spaced]
+
+
+def copy_targets(rule: str, teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher layers a copied student starts from: ``forward`` targets or ``first_last``."""
+    if rule == "first_last":
+        return first_last_targets(teacher_layers, student_layers)
+    if rule == "forward":
+        return forward_targets(teacher_layers, student_layers)
+    raise LayergeoError(f"unknown student.copy_rule {rule!r}; choose forward or first_last")
+
+
+def parse_stack_pairs(text: str) -> dict[str | None, list[Pair]]:
+    """Parse ``"encoder:1:4,decoder:1:4"`` (or plain ``"1:4,2:8"``, stack None) into pairs per stack."""
+    pairs: dict[str | None, list[Pair]] = {}
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        fields = item.split(":")
+        stack = fields[0] if len(fields) == 3 else None
+        try:
+            if len(fields) not in (2, 3) or (stack is not None and not stack.isidentifier()):
+                raise ValueError
+            s, t = int(fields[-2]), int(fields[-1])
+        except ValueError:
+            raise LayergeoError(
+                f"cannot read layer pair {item!r} in {text!r}; write student:teacher pairs such as '1:4,2:8,3:12', "
+                "with the stack first for an encoder-decoder ('encoder:1:4,decoder:1:4')"
+            ) from None
+        pairs.setdefault(stack, []).append((s, t))
+    if not pairs:
+        raise LayergeoError(f"no layer pairs in {text!r}; write student:teacher pairs such as '1:4,2:8,3:12'")
+    return pairs
 
 
 def parse_pairs(text: str) -> list[Pair]:
@@ -101,8 +161,10 @@ class RailMapper(Mapper):
     on data order or on how many draws came before.
     """
 
-    def __init__(self, teacher_layers: int, student_layers: int, seed: int, embeddings: bool, every_steps: int | None):
+    def __init__(self, teacher_layers: int, student_layers: int, seed: int, embeddings: bool, every_steps: int | None,
+                 stream: int = 0):
         self.seed = seed
+        self.stream = stream
         self.embeddings = embeddings
         self.every_steps = every_steps
         self.teacher_layers, self.student_layers = teacher_layers, student_layers
@@ -116,7 +178,7 @@ class RailMapper(Mapper):
         return step // self.every_steps if self.every_steps else epoch
 
     def _draw(self, period: int) -> list[Pair]:
-        rng = np.random.default_rng([self.seed, period])
+        rng = np.random.default_rng([self.seed, period] + ([self.stream] if self.stream else []))
         chosen = np.sort(rng.choice(np.arange(1, self.teacher_layers + 1), self.student_layers, replace=False))
         pairs = [(j + 1, int(t)) for j, t in enumerate(chosen)]
         return [(0, 0)] + pairs if self.embeddings else pairs
@@ -131,7 +193,7 @@ class RailMapper(Mapper):
         return ([0] if self.embeddings else []) + list(range(1, self.teacher_layers + 1))
 
 
-StrategyFn = Callable[[int, int, MappingOptions, int], Mapper]
+StrategyFn = Callable[[int, int, MappingOptions, int, int], Mapper]  # L_T, L_S, options, seed, stream
 _REGISTRY: dict[str, StrategyFn] = {}
 
 
@@ -149,19 +211,88 @@ def strategy_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def build_mapper(options: MappingOptions, teacher_layers: int, student_layers: int, seed: int = 0) -> Mapper:
-    """The mapper for ``options.strategy``; ``"1:4,2:8"`` is accepted as an explicit mapping."""
+def build_mapper(options: MappingOptions, teacher_layers: int, student_layers: int, seed: int = 0,
+                 stream: int = 0) -> Mapper:
+    """The mapper for ``options.strategy``; ``"1:4,2:8"`` is accepted as an explicit mapping.
+
+    ``stream``: which random stream the strategy draws from (the stack's position; 0 for one stack).
+    """
     _check_depths(teacher_layers, student_layers)
     name = options.strategy
     if name not in _REGISTRY:
         if ":" in name:
             explicit = MappingOptions(strategy="explicit", pairs=name, embeddings=options.embeddings)
-            return _explicit(teacher_layers, student_layers, explicit, seed)
+            return _explicit(teacher_layers, student_layers, explicit, seed, stream)
         raise LayergeoError(
             f"unknown matching strategy {name!r}; choose one of {', '.join(_REGISTRY)} "
             "or give explicit pairs such as '1:4,2:8,3:12'"
         )
-    return _REGISTRY[name](teacher_layers, student_layers, options, seed)
+    return _REGISTRY[name](teacher_layers, student_layers, options, seed, stream)
+
+
+class StackMapping:
+    """The layer mapping of one run: a :class:`Mapper` per stack, e.g. ``{"encoder": ..., "decoder": ...}``.
+
+    ``pairs_at`` gives ``{stack: [(s, t), ...]}``; a one-stack mapping is logged as a plain list of
+    pairs (as before stacks existed), a several-stack one as ``{stack: pairs}``.
+    """
+
+    def __init__(self, mappers: dict[str, Mapper]):
+        self.mappers = mappers
+        first = next(iter(mappers.values()))
+        self.name, self.note = first.name, first.note
+
+    @property
+    def stacks(self) -> list[str]:
+        return list(self.mappers)
+
+    @property
+    def dynamic(self) -> bool:
+        return any(m.dynamic for m in self.mappers.values())
+
+    def period(self, epoch: int, step: int) -> int:
+        """When the pairs may change: every stack redraws on the same schedule (one matching section)."""
+        return max(m.period(epoch, step) for m in self.mappers.values())
+
+    def pairs_at(self, epoch: int = 0, step: int = 0) -> dict[str, list[Pair]]:
+        return {stack: m.pairs_at(epoch, step) for stack, m in self.mappers.items()}
+
+    def student_states(self) -> dict[str, list[int]]:
+        return {stack: m.student_states() for stack, m in self.mappers.items()}
+
+    def teacher_states(self) -> dict[str, list[int]]:
+        return {stack: m.teacher_states() for stack, m in self.mappers.items()}
+
+    def logged(self, epoch: int = 0, step: int = 0) -> list | dict:
+        """The pairs in force as mapping.jsonl records them."""
+        pairs = self.pairs_at(epoch, step)
+        return next(iter(pairs.values())) if len(pairs) == 1 else pairs
+
+
+def build_mapping(options: MappingOptions, depths: dict[str, tuple[int, int]], seed: int = 0) -> StackMapping:
+    """The mapping of every stack: ``depths[stack] = (teacher layers, student layers)``."""
+    explicit = options.pairs if options.strategy == "explicit" else options.strategy if ":" in options.strategy else None
+    if explicit is None:
+        return StackMapping({stack: build_mapper(options, lt, ls, seed, stream=k)
+                             for k, (stack, (lt, ls)) in enumerate(depths.items())})
+    named = parse_stack_pairs(explicit)
+    if None in named:
+        if len(depths) > 1:
+            raise LayergeoError(f"explicit pairs {explicit!r} name no stack, but this model has the stacks "
+                                f"{', '.join(depths)}; write e.g. 'encoder:1:4,decoder:1:4'")
+        named = {next(iter(depths)): named.pop(None), **named}
+    unknown = sorted(set(named) - set(depths))
+    if unknown:
+        raise LayergeoError(f"explicit pairs {explicit!r} name the stack {unknown[0]!r}; this model has "
+                            f"{', '.join(depths)}")
+    mappers = {}
+    for stack, (lt, ls) in depths.items():
+        text = ",".join(f"{s}:{t}" for s, t in named.get(stack, []))
+        if text:
+            mappers[stack] = _explicit(lt, ls, MappingOptions("explicit", options.embeddings, pairs=text), seed, 0)
+        else:
+            mappers[stack] = Mapper("explicit", lt, ls, [], note=f"no pairs given for the {stack} stack")
+    return StackMapping(mappers)
 
 
 def validate_pairs(pairs: list[Pair], teacher_layers: int, student_layers: int) -> None:
@@ -195,24 +326,24 @@ def _with_embeddings(targets: list[int], options: MappingOptions) -> list[Pair]:
 
 
 @register("forward")
-def _forward(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _forward(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     return Mapper("forward", lt, ls, _with_embeddings(forward_targets(lt, ls), options))
 
 
 @register("reverse")
-def _reverse(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _reverse(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     return Mapper("reverse", lt, ls, _with_embeddings(forward_targets(lt, ls)[::-1], options))
 
 
 @register("all_to_one")
-def _all_to_one(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _all_to_one(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     target = lt // 2 if options.target is None else options.target
     first = 0 if options.embeddings else 1
     return Mapper("all_to_one", lt, ls, [(s, target) for s in range(first, ls + 1)], note=f"every state -> T{target}")
 
 
 @register("shuffle")
-def _shuffle(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _shuffle(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     """A fixed random permutation of the forward targets, drawn once per seed.
 
     ``shuffle="fair"`` redraws until the order is neither forward nor reverse, so
@@ -223,7 +354,7 @@ def _shuffle(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
         raise LayergeoError(f"unknown shuffle mode {options.shuffle!r}; choose 'fair' or 'any'")
     forward = forward_targets(lt, ls)
     excluded = [forward, forward[::-1]] if options.shuffle == "fair" and ls >= 3 else []
-    rng = np.random.default_rng([seed, 0x5F])
+    rng = np.random.default_rng([seed, 0x5F] + ([stream] if stream else []))
     order = [int(t) for t in rng.permutation(forward)]
     while order in excluded:
         order = [int(t) for t in rng.permutation(forward)]
@@ -234,19 +365,19 @@ def _shuffle(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
 
 
 @register("rail")
-def _rail(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _rail(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     if options.rail_every_steps is not None and options.rail_every_steps < 1:
         raise LayergeoError("matching.rail_every_steps must be a positive number of steps (or null for every epoch)")
-    return RailMapper(lt, ls, seed, options.embeddings, options.rail_every_steps)
+    return RailMapper(lt, ls, seed, options.embeddings, options.rail_every_steps, stream)
 
 
 @register("none")
-def _none(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _none(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     return Mapper("none", lt, ls, [], note="no intermediate-layer matching")
 
 
 @register("explicit")
-def _explicit(lt: int, ls: int, options: MappingOptions, seed: int) -> Mapper:
+def _explicit(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     if not options.pairs:
         raise LayergeoError("strategy 'explicit' needs matching.pairs, e.g. '1:4,2:8,3:12'")
     pairs = parse_pairs(options.pairs)

@@ -26,7 +26,7 @@ def _kill() -> None:
 def install(point: str) -> None:
     kind, _, rest = point.partition(":")
     if kind == "step":
-        import layergeo.train as train
+        import layergeo.loop as train
 
         name, _, count = rest.rpartition(":")
         make_bar = train.progress_bar

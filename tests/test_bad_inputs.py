@@ -32,7 +32,8 @@ import pytest
 
 import layergeo.analyse as analyse_module
 import layergeo.sweep as sweep_module
-import layergeo.train as train_module
+import layergeo.distil as distil_module
+import layergeo.teacher as teacher_module
 from layergeo.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -563,7 +564,8 @@ def traps(monkeypatch):
 
         return reached
 
-    monkeypatch.setattr(train_module, "fit", trap("the training loop (train.fit)"))
+    monkeypatch.setattr(distil_module, "fit", trap("the training loop (loop.fit)"))
+    monkeypatch.setattr(teacher_module, "fit", trap("the training loop (loop.fit)"))
     monkeypatch.setattr(analyse_module, "hidden_states", trap("the hidden-state pass (analyse.hidden_states)"))
     # only the sweep's own view of subprocess: the rest (e.g. git in env.json) keeps the real one
     monkeypatch.setattr(sweep_module, "subprocess", _SubprocessTrap(trap("a sweep subprocess (subprocess.run)")))

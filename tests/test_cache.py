@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import layergeo.cache as cache_module
-import layergeo.train as train_module
+import layergeo.distil as train_module
+from layergeo.families import get_family
+from layergeo.teacher import encode_splits, fine_tune_teacher
 from layergeo import data
 from layergeo.cache import TeacherCache
 from layergeo.cli import main
@@ -21,13 +23,15 @@ from layergeo.models import build_student, load_checkpoint
 from layergeo.runs import RunDir, read_jsonl
 from layergeo.strategies import forward_targets
 
+ENCODER = get_family("encoder")
+
 SMALL = ["data.max_train=64"]
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "teacher"
-    train_module.fine_tune_teacher(load_config(preset="tiny", overrides=SMALL), out)
+    fine_tune_teacher(load_config(preset="tiny", overrides=SMALL), out)
     return out
 
 
@@ -39,10 +43,10 @@ def _setup(teacher_dir: Path, *overrides: str):
     """What distil_student has before training: config, mapper, teacher (eval), tokenizer, train split, student."""
     config = _config(teacher_dir, *overrides)
     mapper, _ = train_module.validate_student_config(config, teacher_dir)
-    task = train_module.load_task(config)
+    task = ENCODER.load_task(config)
     teacher, tokenizer = load_checkpoint(RunDir(teacher_dir).checkpoint("best"))
     teacher.eval()
-    encoded = train_module.encode_splits(config, task, tokenizer)["train"]
+    encoded = encode_splits(config, ENCODER, task, tokenizer, None)["train"]
     torch.manual_seed(0)
     student = build_student(teacher, config.student, mapper.student_states(), forward_targets(4, config.student.layers))
     student.eval()  # no dropout: both paths see the same student function
@@ -72,7 +76,7 @@ def test_step_losses_from_the_cache_equal_the_live_teacher(teacher_dir, tmp_path
     Logits are float32 under both dtypes, so CE and KL stay as exact as with float32."""
     config, mapper, teacher, tokenizer, _, encoded, student = _setup(
         teacher_dir, f"matching.strategy={strategy}", "matching.rail_every_steps=1")
-    cache = _open(teacher_dir, teacher, tokenizer, encoded, tmp_path, mapper.teacher_states(), dtype=dtype)
+    cache = _open(teacher_dir, teacher, tokenizer, encoded, tmp_path, mapper.teacher_states()["encoder"], dtype=dtype)
     live = train_module.distillation_losses(student, teacher, mapper, config)
     cached = train_module.distillation_losses(student, teacher, mapper, config, cache=cache)
     with torch.no_grad():
@@ -148,7 +152,7 @@ def test_whole_runs_with_the_cache_match_live_runs_and_share_it(teacher_dir, tmp
 
 def test_reused_and_invalidated_by_every_ingredient(teacher_dir, tmp_path):
     config, mapper, teacher, tokenizer, task, encoded, _ = _setup(teacher_dir)
-    layers = mapper.teacher_states()
+    layers = mapper.teacher_states()["encoder"]
     start = cache_module.build_count
     first = _open(teacher_dir, teacher, tokenizer, encoded, tmp_path, layers)
     assert first.built and cache_module.build_count == start + 1
@@ -173,8 +177,8 @@ def test_reused_and_invalidated_by_every_ingredient(teacher_dir, tmp_path):
     edited = data.EncodedSplit({k: [list(r) for r in v] for k, v in encoded.features.items()}, encoded.labels)
     edited.features["input_ids"][3][1] += 1
     new_key(_open(teacher_dir, teacher, tokenizer, edited, tmp_path, layers))
-    reseeded = train_module.encode_splits(_config(teacher_dir, "seed=1"), train_module.load_task(_config(teacher_dir, "seed=1")),
-                                          tokenizer)["train"]  # max_train samples by seed: other examples
+    reseeded = encode_splits(_config(teacher_dir, "seed=1"), ENCODER, ENCODER.load_task(_config(teacher_dir, "seed=1")),
+                             tokenizer, None)["train"]  # max_train samples by seed: other examples
     new_key(_open(teacher_dir, teacher, tokenizer, reseeded, tmp_path, layers))
 
     other = tmp_path / "other-teacher"
@@ -241,7 +245,7 @@ def test_lookup_scatters_the_teacher_states_into_the_padded_batch(teacher_dir, t
         mask = batch["attention_mask"]
         assert (mask == 0).any() and bool((mask[:, :-1] >= mask[:, 1:]).all())  # right-padded, with padding
         with torch.no_grad():
-            live = teacher(**train_module.model_inputs(batch), output_hidden_states=True)
+            live = teacher(**ENCODER.inputs(batch), output_hidden_states=True)
         logits, states = cache.lookup(batch["index"], mask)
         assert logits.dtype == torch.float32 and logits.shape == (24, 2)
         torch.testing.assert_close(logits, live.logits, rtol=1e-5, atol=1e-6)

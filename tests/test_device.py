@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import layergeo.train as train_module
+import layergeo.distil as train_module
+from layergeo.families import get_family
+from layergeo.teacher import encode_splits, fine_tune_teacher
 from layergeo import data
 from layergeo.config import load_config
 from layergeo.device import StepSettings, precision, step_settings
 from layergeo.models import build_student, load_checkpoint
 from layergeo.runs import RunDir
 from layergeo.strategies import forward_targets
+
+ENCODER = get_family("encoder")
 
 SMALL = ["data.max_train=64"]
 
@@ -32,7 +36,7 @@ def test_cuda_gets_bf16_autocast_pinned_memory_and_fused_adamw():
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("device") / "teacher"
-    train_module.fine_tune_teacher(load_config(preset="tiny", overrides=SMALL), out)
+    fine_tune_teacher(load_config(preset="tiny", overrides=SMALL), out)
     return out
 
 
@@ -45,7 +49,7 @@ def test_the_bf16_autocast_step_runs_and_stays_close_to_float32(teacher_dir, str
     mapper, _ = train_module.validate_student_config(config, teacher_dir)
     teacher, tokenizer = load_checkpoint(RunDir(teacher_dir).checkpoint("best"))
     teacher.eval()
-    encoded = train_module.encode_splits(config, train_module.load_task(config), tokenizer)["train"]
+    encoded = encode_splits(config, ENCODER, ENCODER.load_task(config), tokenizer, None)["train"]
     torch.manual_seed(0)
     student = build_student(teacher, config.student, mapper.student_states(), forward_targets(4, config.student.layers))
     student.eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import layergeo.train as train_module
+import layergeo.distil as train_module
 from layergeo.cli import main
 from layergeo.runs import RunDir, RunLock, read_jsonl
 
@@ -116,7 +116,9 @@ def test_a_late_failure_keeps_the_run_with_its_error_and_resumes(whole, tmp_path
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(train_module, "evaluate", broken)
+    from layergeo.families.encoder import EncoderFamily
+
+    monkeypatch.setattr(EncoderFamily, "evaluate", broken)
     assert main(["train", *SETTINGS, "--set", f"teacher.dir={whole / 'teacher'}", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "disk on fire" in err and "--resume" in err and "Traceback" not in err

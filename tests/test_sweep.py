@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import layergeo.train as train_module
+import layergeo.distil as train_module
 from layergeo.cli import main
 from layergeo.report import paper_table
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-import layergeo.train as train_module
+import layergeo.distil as train_module
 from layergeo.cli import main
 from layergeo.runs import RunDir, read_jsonl
 

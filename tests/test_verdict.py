@@ -152,10 +152,12 @@ def test_evaluation_records_the_majority_rate_and_collapsed_students():
     import torch
     from types import SimpleNamespace
 
-    from layergeo.train import evaluate
+    from layergeo.families import get_family
 
     class Constant(torch.nn.Module):
         """Always answers class 1 of 3."""
+
+        config = SimpleNamespace(num_labels=3)
 
         def forward(self, input_ids, attention_mask=None):
             return SimpleNamespace(logits=torch.tensor([0.0, 1.0, 0.0]).expand(len(input_ids), 3))
@@ -163,7 +165,7 @@ def test_evaluation_records_the_majority_rate_and_collapsed_students():
     labels = torch.tensor([0, 1, 1, 2, 1, 0, 1])
     loader = [{"input_ids": torch.ones(4, 2, dtype=torch.long), "attention_mask": torch.ones(4, 2), "labels": labels[:4]},
               {"input_ids": torch.ones(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2), "labels": labels[4:]}]
-    metrics = evaluate(Constant(), loader, torch.device("cpu"), num_labels=3)
+    metrics = get_family("encoder").evaluate(Constant(), loader, torch.device("cpu"), config=None, tokenizer=None)
     assert metrics["accuracy"] == pytest.approx(4 / 7) and metrics["majority_rate"] == pytest.approx(4 / 7)
     assert metrics["predicted_classes"] == 1 and metrics["n"] == 7
 
