@@ -57,9 +57,12 @@ def _median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
 def training_benchmarks(steps: int, warmup: int, device: torch.device) -> dict:
     from layergeo import data
     from layergeo.config import RunConfig
+    from layergeo.distil import distillation_losses
+    from layergeo.families import get_family
     from layergeo.models import build_student, load_pretrained
-    from layergeo.strategies import build_mapper, forward_targets
-    from layergeo.train import distillation_losses, model_inputs
+    from layergeo.strategies import build_mapping, forward_targets
+
+    model_inputs = get_family("encoder").inputs
 
     config = RunConfig()
     teacher, tokenizer = load_pretrained("minilm", 2)
@@ -67,7 +70,7 @@ def training_benchmarks(steps: int, warmup: int, device: torch.device) -> dict:
     task = data.load_task("rotten_tomatoes", max_examples={"train": 32 * (steps + warmup)}, seed=0)
     encoded = data.encode(task.splits["train"], tokenizer, task.text_columns, 64)
     batches = [{k: v if k == "index" else v.to(device) for k, v in b.items()} for b in data.make_loader(encoded, tokenizer, 32, shuffle=False, seed=0)]
-    mapper = build_mapper(config.matching, 6, 3)
+    mapper = build_mapping(config.matching, {"encoder": (6, 3)})
     student = build_student(teacher, config.student, mapper.student_states(), forward_targets(6, 3)).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     cycle = {"i": 0}
@@ -124,11 +127,11 @@ def _cached_losses(student, teacher, mapper, config, encoded, tokenizer, task, r
     """The distillation step reading the teacher from a float16 teacher cache built in ``root``."""
     from layergeo.cache import TeacherCache
     from layergeo.models import embedded_teacher_path
-    from layergeo.train import distillation_losses
+    from layergeo.distil import distillation_losses
 
     cache = TeacherCache.open_or_build(
         teacher, tokenizer, encoded, checkpoint=Path(embedded_teacher_path()), task=task.name, split="train",
-        max_length=64, layers=mapper.teacher_states(), dtype="float16", root=root,
+        max_length=64, layers=mapper.teacher_states()["encoder"], dtype="float16", root=root,
     )
     return distillation_losses(student, teacher, mapper, config, cache=cache)
 

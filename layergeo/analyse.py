@@ -393,10 +393,13 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
             angles = pd.read_csv(folder / "angles.csv").drop(columns=["checkpoint"])
             ident = {k: summary[k] for k in ("run", "strategy", "init", "seed", "checkpoint", "task")}
             frames.append(angles.assign(**ident))
-            summaries.append({**ident, **{k: summary[k] for k in summary if k.startswith("frac_acute")},
-                              "thales_ratio": mean_thales_ratio(angles),
-                              "n_tokens": summary["n_tokens"], "dev_accuracy": summary.get("dev_accuracy"),
-                              **({"dev_bleu": summary["dev_bleu"]} if "dev_bleu" in summary else {})})
+            scores = {k: summary[k] for k in ("dev_accuracy", "dev_bleu") if k in summary}
+            for stack, part in summary.get("stacks", {None: summary}).items():
+                rows = angles if stack is None else angles[angles["stack"] == stack]
+                summaries.append({**ident, **({"stack": stack} if stack else {}),
+                                  **{k: part[k] for k in part if k.startswith("frac_acute")},
+                                  "thales_ratio": mean_thales_ratio(rows), "n_tokens": part["n_tokens"],
+                                  "dev_accuracy": scores.get("dev_accuracy"), **scores})
     if not frames:
         raise LayergeoError("none of the runs could be analysed")
     tidy = pd.concat(frames, ignore_index=True)
@@ -407,6 +410,14 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
     write_text(out / "angles_all.csv", tidy.to_csv(index=False))
     write_text(out / "acute_summary.csv", table.to_csv(index=False))
     write_text(out / "pooled.csv", settings.to_csv(index=False))
-    plots.save_figure(plots.comparison_grid(tidy, "frac_acute"), out / "angles_by_strategy")
-    plots.save_figure(plots.acute_fraction_points(table), out / "acute_fraction_by_strategy")
+    if "stack" not in table:
+        plots.save_figure(plots.comparison_grid(tidy, "frac_acute"), out / "angles_by_strategy")
+        plots.save_figure(plots.acute_fraction_points(table), out / "acute_fraction_by_strategy")
+        return table
+    for stack in table["stack"].dropna().unique():  # one figure per stack: an encoder's and a decoder's angles differ
+        title = f" ({stack} stack)"
+        plots.save_figure(plots.comparison_grid(tidy[tidy["stack"] == stack], "frac_acute", title=title),
+                          out / f"angles_by_strategy_{stack}")
+        plots.save_figure(plots.acute_fraction_points(table[table["stack"] == stack], title=title),
+                          out / f"acute_fraction_by_strategy_{stack}")
     return table

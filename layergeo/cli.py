@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -421,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"layergeo {args.command}: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went into a pipe that closed early (| head): nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -36,9 +36,13 @@ def cosine_histograms_by_strategy(root: Path, tag: str) -> pd.DataFrame:
     for run in expand_runs([str(root)]):
         for checkpoint in ("init", "best"):
             folder = run / "geometry" / tag.replace("CHECKPOINT", checkpoint)
-            if (folder / "angle_hist.csv").is_file():
-                summary = json.loads((folder / "summary.json").read_text())
-                hist = pd.read_csv(folder / "angle_hist.csv")
+            if not (folder / "summary.json").is_file():
+                continue
+            summary = json.loads((folder / "summary.json").read_text())
+            # one table for a one-stack run; one per stack folder (with a stack column) otherwise
+            tables = [folder / "angle_hist.csv"] if (folder / "angle_hist.csv").is_file() else sorted(folder.glob("*/angle_hist.csv"))
+            for table in tables:
+                hist = pd.read_csv(table)
                 frames.append(hist.assign(strategy=summary["strategy"], init=summary["init"], checkpoint=checkpoint))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -72,10 +76,15 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
     compare_runs([str(root)], options, ["init", "best"], out, strict=False)  # a grid may cross budgets: pooled.csv says
     tag = AngleOptions(**{**options.__dict__, "checkpoint": "CHECKPOINT"}).tag()
     hist = cosine_histograms_by_strategy(root, tag)
-    for (init, checkpoint), group in hist.groupby(["init", "checkpoint"]):
+    stacked = "stack" in hist
+    for key, group in hist.groupby(["stack", "init", "checkpoint"] if stacked else ["init", "checkpoint"]):
+        stack, init, checkpoint = key if stacked else (None, *key)
         lines = group.groupby(["strategy", "bin_left", "bin_right"], as_index=False)["count"].sum()
-        title = f"Cosines seen from the student, all layers: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
-        plots.save_figure(plots.cosine_histograms(lines, title, by="strategy"), out / f"cosine_hist_{init}_{checkpoint}")
+        where = f" ({stack} stack)" if stacked else ""
+        title = (f"Cosines seen from the student, all layers{where}: {plots.INIT_LABELS.get(init, init)}, "
+                 f"{plots.CHECKPOINT_LABELS[checkpoint]}")
+        stem = f"cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stacked else "")
+        plots.save_figure(plots.cosine_histograms(lines, title, by="strategy"), out / stem)
     losses = loss_terms(root)
     for (init, task), group in losses.groupby(["init", "task"]):
         curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()

@@ -47,7 +47,8 @@ STRATEGY_LABELS = {
 }
 INIT_LABELS = {"copy": "Weights copied", "random": "Randomly initialised"}
 CHECKPOINT_LABELS = {"init": "Untrained", "best": "Trained"}
-TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
+TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News", "kjv_bbe": "KJV → BBE",
+               "bbc_headlines": "BBC headlines"}
 TERM_LABELS = {
     "loss": "Total loss",
     "ce": "Cross-entropy with labels",
@@ -366,12 +367,13 @@ def _layer_range(layers: list[int]) -> str:
 
 
 @_themed
-def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute") -> Figure:
+def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = "") -> Figure:
     """Teacher i x teacher k heatmaps of `value`: one column per strategy, one row per (init, checkpoint).
 
     Columns: run, strategy, init, checkpoint, student_layer, teacher_i, teacher_k and `value`.
     Each panel averages over student layers >= 1 (layer 0 only if there are no others), first
-    within each run, then over runs. Same fixed colour scale as :func:`angle_heatmaps`.
+    within each run, then over runs. Same fixed colour scale as :func:`angle_heatmaps`. ``title``
+    is added to the figure title (e.g. the stack).
     """
     scale = _value_scale(value)
     columns = ["run", "strategy", "init", "checkpoint", "student_layer", "teacher_i", "teacher_k", value]
@@ -414,7 +416,7 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute") -> Figure:
             ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
     _shared_colorbar(fig, mesh, list(axes.flat), scale)
     layers = sorted(used["student_layer"].unique())
-    fig.suptitle(f"{scale.label}, mean over student layers {_layer_range(layers)} and runs")
+    fig.suptitle(f"{scale.label}, mean over student layers {_layer_range(layers)} and runs{title}")
     return fig
 
 
@@ -474,11 +476,12 @@ def _strip_width(n_strategies: int) -> float:
 
 
 @_themed
-def acute_fraction_points(summary: pd.DataFrame) -> Figure:
+def acute_fraction_points(summary: pd.DataFrame, title: str = "") -> Figure:
     """Fraction of acute angles per strategy, untrained vs trained, one panel per student init.
 
     Columns: run, strategy, init, checkpoint, frac_acute (one row per run and checkpoint).
-    Dots are runs; diamonds are means with a bar from the lowest to the highest run.
+    Dots are runs; diamonds are means with a bar from the lowest to the highest run. ``title`` is
+    added to each panel's title (e.g. the stack).
     """
     _require(summary, ["run", "strategy", "init", "checkpoint", "frac_acute"], "acute fraction points")
     strategies = sort_strategies(summary["strategy"].unique())
@@ -492,7 +495,7 @@ def acute_fraction_points(summary: pd.DataFrame) -> Figure:
     for ax, init in zip(axes[0], inits):
         _dot_panel(ax, summary[summary["init"] == init], "frac_acute", strategies, "checkpoint",
                    checkpoints, colors, spread="range")
-        ax.set_title(INIT_LABELS.get(init, init))
+        ax.set_title(INIT_LABELS.get(init, init) + title)
     low, high = float(summary["frac_acute"].min()), float(summary["frac_acute"].max())
     pad = max(0.02, 0.08 * (high - low))  # room for markers at 1.0; the axis spans the data, not all of 0..1
     axes[0, 0].set_ylim(max(0.0, low - pad), min(1.0, high) + pad)
