@@ -25,7 +25,7 @@ from layergeo import plots
 from layergeo.collect import LoadedRun, StackView, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
 from layergeo.progress import progress_bar
-from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TransitionCosine, update_angles
+from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TokenMeanCosine, TransitionCosine, update_angles
 from layergeo.data import read_texts_file
 from layergeo.runs import RunDir, atomic_dir, check_output_path, has_content, write_json, write_text
 from layergeo.processes import resolve_device
@@ -127,6 +127,8 @@ class RunGeometry:
                 "angles need the learned student->teacher projection"
             )
         self.angles = AngleAccumulator(self.n_student, self.n_teacher, options.bins)
+        self.deep_anchors = [l for l in self.anchors if l >= 1]
+        self.authors = TokenMeanCosine() if self.n_teacher >= 3 and self.deep_anchors else None
         self.n_tokens = 0
         if options.extras:
             self.tt = MeanDistance(self.n_teacher, self.n_teacher)
@@ -140,6 +142,9 @@ class RunGeometry:
         """teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)."""
         self.n_tokens += teacher.shape[0]
         update_angles(self.angles, teacher, student, self.anchors, self.projections, self.options.space)
+        if self.authors is not None:  # S_0 is a placeholder: the statistic starts at student layer 1
+            deep = [self.loaded.student.project(l, student[:, l], self.view.stack) for l in self.deep_anchors]
+            self.authors.update(teacher, torch.stack([deep[0], *deep], 1))
         if self.options.extras:
             projected = torch.stack([self.loaded.student.project(l, student[:, l], self.view.stack) for l in self.anchors], 1)
             self.tt.update(teacher, teacher)
@@ -214,7 +219,8 @@ def _write_stacks(out: Path, geometries: dict[str, RunGeometry], options: AngleO
     frames = [pd.read_csv(out / stack / "angles.csv") for stack in geometries]
     write_text(out / "angles.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
     loaded = next(iter(geometries.values())).loaded
-    keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "thales_ratio")
+    keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "frac_acute_deep",
+            "authors_mean_cos", "thales_ratio")
     summary = {**describe(loaded), "source": source, "n_examples": n_examples,
                "n_tokens": {stack: s["n_tokens"] for stack, s in stacks.items()},
                **{f"{key}_{stack}": s[key] for key in keys for stack, s in stacks.items()},
@@ -241,6 +247,8 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "angles.csv", angles.to_csv(index=False))
     write_text(out / "angle_hist.csv", hist.to_csv(index=False))
+    if geometry.authors is not None:
+        write_text(out / "authors_cosine_hist.csv", geometry.authors.hist_frame().to_csv(index=False))
     forward_target = dict(view.forward_pairs)
     summary = {
         **describe(loaded),
@@ -252,6 +260,8 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         "frac_acute_matched": acute_fraction(angles, view.matched_pairs) if view.matched_pairs else None,
         "frac_acute_forward": acute_fraction(angles, view.forward_pairs),
         "frac_acute_matched_vs_forward": acute_fraction(angles, view.matched_pairs, forward_target) if view.matched_pairs else None,
+        "frac_acute_deep": acute_fraction(angles[(angles.student_layer >= 1) & (angles.teacher_i >= 1)]),
+        "authors_mean_cos": geometry.authors.mean() if geometry.authors is not None else None,
         "thales_ratio": mean_thales_ratio(angles),
         "matched_pairs": view.matched_pairs,
         "forward_pairs": view.forward_pairs,
@@ -263,6 +273,10 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             "frac_acute_forward": "the same for the teacher state forward matching would have used",
             "frac_acute_matched_vs_forward": "the angle at S_s between its matched and its forward target (where they differ)",
             "thales_ratio": "token-weighted mean of |S - (T_i + T_k)/2| / (|T_i - T_k| / 2); > 1 exactly when the angle is acute",
+            "frac_acute_deep": "frac_acute over student layers >= 1 and teacher pairs among layers >= 1 (no embedding output)",
+            "authors_mean_cos": "the authors' statistic (CosineFromStudent): per token, the mean cosine over student layers "
+                                ">= 1 and teacher pairs 1 <= i < k, then the mean over tokens; its histogram (1000 bins) "
+                                "is authors_cosine_hist.csv",
         },
     }
     where = f"{view.stack} stack, " if several else ""

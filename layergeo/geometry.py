@@ -473,3 +473,49 @@ class TransitionCosine(_Streaming):
     def mean(self) -> np.ndarray:
         """Mean transition cosine (P, P), symmetric, NaN on the diagonal and where no token counted."""
         return (self._state["sum_cos"] / self._state["n"]).numpy()
+
+
+class TokenMeanCosine(_Streaming):
+    """The authors' angle statistic (``CosineFromStudent`` in their ``classification/dist_utils.py``).
+
+    Per token: the mean of cos(T_i - S_j, T_k - S_j) over every student state j >= 1 and every
+    teacher pair 1 <= i < k (embedding outputs excluded); accumulated as a histogram of those
+    per-token means (``bins`` equal bins on [-1, 1], their figure uses 1000) with their sum and count.
+    Unlike theirs, only the positions that count are used (they include padding) and a narrower
+    student is compared through its projection (the caller passes W S_j). A token where some
+    T_i - S_j has zero length (below ZERO_REL) has no mean: it is counted in ``n_degenerate``.
+    """
+
+    def __init__(self, bins: int = 1000):
+        self.bins = bins
+        super().__init__({"n": (), "n_degenerate": (), "sum_mean_cos": (), "hist": (bins,)})
+
+    @torch.no_grad()
+    def update(self, teacher: Tensor, student: Tensor) -> None:
+        """Fold in tokens: teacher (N, K, d) with K >= 3 states, student (N, L, d) with L >= 2 (same width)."""
+        if teacher.ndim != 3 or student.ndim != 3 or teacher.shape[0] != student.shape[0] or teacher.shape[2] != student.shape[2]:
+            raise LayergeoError(f"expected teacher (N, K, d) and student (N, L, d), got {tuple(teacher.shape)} and "
+                                f"{tuple(student.shape)}")
+        if teacher.shape[1] < 3 or student.shape[1] < 2:
+            raise LayergeoError("the authors' statistic needs two teacher layers and one student layer beyond the embeddings")
+        k = teacher.shape[1] - 1
+        upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=teacher.device), diagonal=1)
+        for t, s in zip(teacher.split(CHUNK_TOKENS), student.split(CHUNK_TOKENS)):
+            u = t[:, None, 1:, :].double() - s[:, 1:, None, :].double()       # (c, L, K, d): T_i - S_j
+            norms = u.norm(dim=-1)                                             # (c, L, K)
+            ok = (norms ** 2 > ZERO_REL * (t[:, None, 1:].double().pow(2).sum(-1) + s[:, 1:, None].double().pow(2).sum(-1))).all(-1).all(-1)
+            unit = u / norms.clamp_min(1e-300)[..., None]
+            cos = unit @ unit.transpose(-1, -2)                               # (c, L, K, K)
+            mean = cos[:, :, upper].mean(dim=(1, 2)).clamp(-1, 1)[ok]         # (c',) per-token means
+            index = ((mean + 1) / 2 * self.bins).floor().clamp(0, self.bins - 1).long()
+            self._add({"n": torch.tensor(float(len(mean))), "n_degenerate": torch.tensor(float((~ok).sum())),
+                       "sum_mean_cos": mean.sum(), "hist": torch.bincount(index, minlength=self.bins)})
+
+    def mean(self) -> float | None:
+        """The mean over tokens of the per-token mean cosine (None when no token counted)."""
+        n = float(self._state["n"])
+        return float(self._state["sum_mean_cos"]) / n if n else None
+
+    def hist_frame(self) -> pd.DataFrame:
+        edges = np.linspace(-1, 1, self.bins + 1)
+        return pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": self._state["hist"].numpy().astype(np.int64)})

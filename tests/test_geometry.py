@@ -486,3 +486,34 @@ def test_difference_gram_path_equals_the_vector_path():
     np.testing.assert_allclose(a[["mean_cos", "frac_acute", "mean_angle_deg", "mean_thales_ratio"]],
                                b[["mean_cos", "frac_acute", "mean_angle_deg", "mean_thales_ratio"]], rtol=1e-9, atol=1e-12)
     assert (by_vectors.hist_frame()["count"] == by_gram.hist_frame()["count"]).all()
+
+
+def test_the_authors_token_mean_cosine_equals_a_float64_brute_force():
+    """CosineFromStudent: per token the mean of cos(T_i - S_j, T_k - S_j) over j >= 1, 1 <= i < k; then histogrammed."""
+    import itertools
+
+    from layergeo.geometry import TokenMeanCosine
+
+    g = torch.Generator().manual_seed(11)
+    teacher, student = torch.randn(40, 5, 6, generator=g), torch.randn(40, 4, 6, generator=g)
+    student[3, 2] = teacher[3, 1]  # a zero-length difference: the token has no mean
+    acc = TokenMeanCosine(bins=16)
+    acc.update(teacher[:13], student[:13])
+    acc.update(teacher[13:], student[13:])
+    means = []
+    for n in range(40):
+        t, s = teacher[n].double().numpy(), student[n].double().numpy()
+        if any(np.linalg.norm(t[i] - s[j]) == 0 for j in range(1, 4) for i in range(1, 5)):
+            continue
+        cos = [(t[i] - s[j]) @ (t[k] - s[j]) / np.linalg.norm(t[i] - s[j]) / np.linalg.norm(t[k] - s[j])
+               for j in range(1, 4) for i, k in itertools.combinations(range(1, 5), 2)]
+        means.append(np.mean(cos))
+    assert acc.mean() == pytest.approx(np.mean(means), abs=1e-12)
+    assert float(acc.state_tensors()["n_degenerate"]) == 1 and float(acc.state_tensors()["n"]) == 39
+    assert (acc.hist_frame()["count"].to_numpy() == np.histogram(means, bins=16, range=(-1, 1))[0]).all()
+    # invariant to a common translation and rotation of all states
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    moved = TokenMeanCosine(bins=16)
+    shift = torch.randn(6, generator=g, dtype=torch.float64)
+    moved.update(teacher.double() @ q + shift, student.double() @ q + shift)
+    assert moved.mean() == pytest.approx(acc.mean(), abs=1e-9)
