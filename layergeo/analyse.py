@@ -412,7 +412,8 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
                 rows = angles if stack is None else angles[angles["stack"] == stack]
                 summaries.append({**ident, **({"stack": stack} if stack else {}),
                                   **{k: part[k] for k in part if k.startswith("frac_acute")},
-                                  "thales_ratio": mean_thales_ratio(rows), "n_tokens": part["n_tokens"],
+                                  "thales_ratio": mean_thales_ratio(rows), "authors_mean_cos": part.get("authors_mean_cos"),
+                                  "n_tokens": part["n_tokens"],
                                   "dev_accuracy": scores.get("dev_accuracy"), **scores})
     if not frames:
         raise LayergeoError("none of the runs could be analysed")
