@@ -54,6 +54,29 @@ def _median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def batch_cycle(batches: list[dict]):
+    """A function returning the next batch, round and round."""
+    cycle = {"i": 0}
+
+    def next_batch():
+        cycle["i"] = (cycle["i"] + 1) % len(batches)
+        return batches[cycle["i"]]
+
+    return next_batch
+
+
+def training_step(optimizer, loss_of_batch, next_batch):
+    """One timed unit: loss of the next batch, backward, optimiser step."""
+
+    def step():
+        loss = loss_of_batch(next_batch())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def training_benchmarks(steps: int, warmup: int, device: torch.device) -> dict:
     from layergeo import data
     from layergeo.config import RunConfig
@@ -73,30 +96,13 @@ def training_benchmarks(steps: int, warmup: int, device: torch.device) -> dict:
     mapper = build_mapping(config.matching, {"encoder": (6, 3)})
     student = build_student(teacher, config.student, mapper.student_states(), forward_targets(6, 3)).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    cycle = {"i": 0}
-
-    def next_batch():
-        cycle["i"] = (cycle["i"] + 1) % len(batches)
-        return batches[cycle["i"]]
-
-    def student_step():
-        batch = next_batch()
-        loss = F.cross_entropy(student(**model_inputs(batch)).logits, batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    next_batch = batch_cycle(batches)
+    student_step = training_step(
+        optimizer, lambda batch: F.cross_entropy(student(**model_inputs(batch)).logits, batch["labels"]), next_batch)
     live_losses = distillation_losses(student, teacher, mapper, config)
 
     def distil_step(step_losses):
-        def step():
-            batch = next_batch()
-            loss = step_losses(batch, 0, 0)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step
+        return training_step(optimizer, lambda batch: step_losses(batch, 0, 0)["loss"], next_batch)
 
     @torch.inference_mode()
     def teacher_forward():

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import _median_time  # noqa: E402
+from bench import _median_time, batch_cycle, training_step  # noqa: E402
 
 
 def seq2seq_benchmarks(steps: int, warmup: int, device: torch.device) -> dict:
@@ -50,26 +50,11 @@ def seq2seq_benchmarks(steps: int, warmup: int, device: torch.device) -> dict:
     model = family.build_student(teacher, config.student, copy_plan(config, depths))
     student = Student(model, 384, mapping.student_states(), student_width=384).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    cycle = {"i": 0}
-
-    def next_batch():
-        cycle["i"] = (cycle["i"] + 1) % len(batches)
-        return batches[cycle["i"]]
-
-    def student_step():
-        batch = next_batch()
-        loss = family.task_loss(student(**family.inputs(batch)).logits, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    next_batch = batch_cycle(batches)
+    student_step = training_step(optimizer, lambda batch: family.task_loss(student(**family.inputs(batch)).logits, batch),
+                                 next_batch)
     losses = distillation_losses(student, teacher, mapping, config, family=family)
-
-    def distil_step():
-        loss = losses(next_batch(), 0, 0)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    distil_step = training_step(optimizer, lambda batch: losses(batch, 0, 0)["loss"], next_batch)
 
     @torch.inference_mode()
     def teacher_forward():

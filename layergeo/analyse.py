@@ -213,10 +213,10 @@ def _matches(out: Path, options: AngleOptions, run: RunDir) -> bool:
 
 def _write_stacks(out: Path, geometries: dict[str, RunGeometry], options: AngleOptions, n_examples: int, source: str) -> None:
     """Each stack into ``out/<stack>/``; all stacks' angles in ``out/angles.csv``; summaries in ``out/summary.json``."""
-    stacks = {}
+    stacks, frames = {}, []
     for stack, geometry in geometries.items():
-        stacks[stack] = _write(out / stack, geometry, options, n_examples, source)
-    frames = [pd.read_csv(out / stack / "angles.csv") for stack in geometries]
+        stacks[stack], angles = _write(out / stack, geometry, options, n_examples, source)
+        frames.append(angles)
     write_text(out / "angles.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
     loaded = next(iter(geometries.values())).loaded
     keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "frac_acute_deep",
@@ -228,8 +228,10 @@ def _write_stacks(out: Path, geometries: dict[str, RunGeometry], options: AngleO
     write_json(out / "summary.json", summary)
 
 
-def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: int, source: str) -> dict:
-    """One stack's tables, figures and summary.json into ``out``; returns the summary."""
+def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: int, source: str) -> tuple[dict, pd.DataFrame]:
+    """One stack's tables, figures and summary.json into ``out``; returns the summary and the angles table.
+
+    With several stacks every table gets a leading ``stack`` column."""
     loaded, view = geometry.loaded, geometry.view
     several = len(loaded.stacks) > 1
     n_tokens = geometry.n_tokens
@@ -248,7 +250,10 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
     write_text(out / "angles.csv", angles.to_csv(index=False))
     write_text(out / "angle_hist.csv", hist.to_csv(index=False))
     if geometry.authors is not None:
-        write_text(out / "authors_cosine_hist.csv", geometry.authors.hist_frame().to_csv(index=False))
+        authors = geometry.authors.hist_frame()
+        if several:
+            authors.insert(0, "stack", view.stack)
+        write_text(out / "authors_cosine_hist.csv", authors.to_csv(index=False))
     forward_target = dict(view.forward_pairs)
     summary = {
         **describe(loaded),
@@ -300,6 +305,8 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             "distance_ratio": ratio,
         }
         for stem, table in tables.items():
+            if several:
+                table.insert(0, "stack", view.stack)
             write_text(out / f"{stem}.csv", table.to_csv(index=False))
         summary["distance_ratio"] = dict(zip(anchors, ratio.distance_ratio.round(6).tolist()))
         figures = {
@@ -313,13 +320,8 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             suffix = f" ({view.stack} stack)" if several else ""
             fig = plots.matrix_heatmap(matrix, rows, cols, f"{title}: {loaded.run.path.name}{suffix}", label, vmin=vmin, vmax=vmax)
             plots.save_figure(fig, out / stem)
-    if several:
-        for table in out.glob("*.csv"):
-            frame = pd.read_csv(table)
-            if "stack" not in frame:
-                write_text(table, frame.assign(stack=view.stack)[["stack", *frame.columns]].to_csv(index=False))
     write_json(out / "summary.json", summary)
-    return summary
+    return summary, angles
 
 
 def expand_runs(paths: list[str]) -> list[Path]:

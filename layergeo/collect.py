@@ -154,18 +154,12 @@ def texts_loader(loaded: LoadedRun, split: str = "dev", texts: Path | None = Non
             max_target_length=max_length or config.data.max_target_length, max_eval=None, max_train=None))
         task = family.load_task(config)
         if max_examples:
-            task = dataclasses.replace(task, splits={**task.splits, split: _first_sample(task.splits[split], max_examples, config.seed)})
+            task = dataclasses.replace(task, splits=data.cap_splits(task.splits, {split: max_examples}, config.seed))
         encoded = family.encode(config, task, split, loaded.tokenizer, loaded.teacher.config)
         source, n = f"{task.name}:{split}", len(encoded)
     loader = data.make_loader(encoded, loaded.tokenizer, batch_size, shuffle=False, seed=0,
                               collate_fn=family.collator(loaded.tokenizer, loaded.teacher))
     return loader, n, source
-
-
-def _first_sample(frame, cap: int, seed: int):
-    """At most ``cap`` rows of a split: the seeded sample :func:`layergeo.data.load_task` draws for a cap."""
-    return data._cap(data.TaskData("-", ("-", "-"), (), {"train": frame, "dev": frame, "test": frame}, "-"),
-                     {"dev": cap}, seed).splits["dev"]
 
 
 @torch.inference_mode()

@@ -100,17 +100,17 @@ def load_task(
         known = ", ".join(task_names() + [f"{a} (= {c})" for a, c in sorted(_ALIASES.items())])
         raise LayergeoError(f"unknown task {name!r}; choose one of: {known}, "
                             "hf:<dataset>[:<config>], or a path to a local .csv/.tsv/.jsonl file or folder")
-    task = _cap(task, max_examples or {}, seed)
+    task = replace(task, splits=cap_splits(task.splits, max_examples or {}, seed))
     _check(task)
     return task
 
 
-def _cap(task: TaskData, max_examples: Mapping[str, int | None], seed: int) -> TaskData:
-    """Keep at most max_examples[split] rows of each split: a seeded sample, in split order."""
+def cap_splits(splits: Mapping[str, pd.DataFrame], max_examples: Mapping[str, int | None], seed: int) -> dict[str, pd.DataFrame]:
+    """Keep at most max_examples[split] rows of each split: a seeded sample, in split order (any task kind)."""
     unknown = set(max_examples) - set(SPLITS)
     if unknown:
         raise LayergeoError(f"max_examples has unknown split(s) {sorted(unknown)}; use train, dev, test")
-    splits = dict(task.splits)
+    splits = dict(splits)
     for split, cap in max_examples.items():
         if cap is None:
             continue
@@ -121,7 +121,7 @@ def _cap(task: TaskData, max_examples: Mapping[str, int | None], seed: int) -> T
             # Legacy RandomState: its stream is frozen, so the sample is the same on every machine.
             keep = np.sort(np.random.RandomState(seed).choice(len(df), cap, replace=False))
             splits[split] = df.iloc[keep].reset_index(drop=True)
-    return replace(task, splits=splits)
+    return splits
 
 
 def _check(task: TaskData) -> None:

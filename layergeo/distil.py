@@ -72,10 +72,7 @@ def validate_student_config(config: RunConfig, out: Path) -> tuple[StackMapping,
     copy_plan(config, depths)
     if config.student.init == "copy" and config.student.hidden_size not in (None, family.width(teacher_config)):
         raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
-    if config.student.hidden_size is not None and family.name == "encoder":
-        from layergeo.models import student_config
-
-        student_config(teacher_config, config.student)  # heads must divide the width
+    family.check_student(teacher_config, config.student)
     if config.train.teacher_cache and not family.caches_teacher:
         raise LayergeoError(f"train.teacher_cache is not available for the {family.name} family (its teacher runs live); "
                             "set train.teacher_cache=false")

@@ -75,8 +75,7 @@ def load_pair_task(name: str, max_examples: Mapping[str, int | None] | None = No
         known = ", ".join(pair_task_names() + [f"{a} (= {c})" for a, c in sorted(_ALIASES.items())])
         raise LayergeoError(f"unknown pair task {name!r} for the seq2seq family; choose one of: {known}, or a path to "
                             "a local .csv/.tsv/.jsonl file with source and target columns")
-    capped = data._cap(data.TaskData(task.name, ("-", "-"), COLUMNS, task.splits, task.source), max_examples or {}, seed)
-    task = replace(task, splits=capped.splits)
+    task = replace(task, splits=data.cap_splits(task.splits, max_examples or {}, seed))
     for split in data.SPLITS:
         if len(task.splits.get(split, ())) == 0:
             raise LayergeoError(f"pair task {task.name!r} has an empty {split} split; give more pairs")

@@ -61,7 +61,7 @@ def teacher_model_config(config: RunConfig, out: Path):
 
 def check_max_length(config: RunConfig, family: Family, model_config) -> None:
     limit = family.max_positions(model_config)
-    for key in ("max_length", "max_target_length") if family.name == "seq2seq" else ("max_length",):
+    for key in family.length_keys:
         value = getattr(config.data, key)
         if limit is not None and value > limit:
             raise LayergeoError(f"data.{key}={value} is above the teacher's limit of {limit} positions; "

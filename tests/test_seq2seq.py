@@ -322,7 +322,9 @@ def test_seq2seq_refuses_what_it_cannot_do(tiny_run, tmp_path, capsys):
     assert "teacher_cache is not available for the seq2seq family" in capsys.readouterr().err
     assert main(["train", *TINY, "--set", "student.layers=5", "--out", str(tmp_path / "c")]) == 2
     assert "deeper than its teacher encoder" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert main(["train", *TINY, "--set", "student.init=random", "--set", "student.hidden_size=32", "--out", str(tmp_path / "d")]) == 2
+    assert "narrower seq2seq student is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_a_config_with_the_teacher_of_another_family_is_refused(tiny_run, tmp_path, capsys):

@@ -33,6 +33,7 @@ class Family:
     stacks: tuple[str, ...] = ()
     metric: str = ""  # the dev metric that selects the best checkpoint (higher is better)
     caches_teacher: bool = False  # whether train.teacher_cache can store this family's teacher outputs
+    length_keys: tuple[str, ...] = ("max_length",)  # the data.* lengths that must fit the model's positions
     default_model: str = "minilm"
 
     # ---- tasks and batches
@@ -74,6 +75,9 @@ class Family:
     def max_positions(self, model_config: PretrainedConfig) -> int | None:
         """The longest input the model takes (None: no fixed limit)."""
         return None
+
+    def check_student(self, teacher_config: PretrainedConfig, spec: StudentConfig) -> None:
+        """Refuse a student this family cannot build from ``teacher_config``, before anything is written."""
 
     def student_depths(self, spec: StudentConfig) -> dict[str, int]:
         """The student's layers per stack."""

@@ -21,7 +21,7 @@ from layergeo.families.base import Family, register_family, unwrap
 from layergeo.losses import kl_to_teacher
 from layergeo.models import (
     EMBEDDED_TEACHER, build_encoder_student, depth, embedded_teacher_path, load_checkpoint, load_pretrained, require_hub,
-    tiny_bert_config, width,
+    student_config, tiny_bert_config, width,
 )
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -80,6 +80,10 @@ class EncoderFamily(Family):
     def max_positions(self, model_config):
         limit = getattr(model_config, "max_position_embeddings", None)
         return None if limit is None else int(limit)
+
+    def check_student(self, teacher_config, spec):
+        if spec.hidden_size is not None:
+            student_config(teacher_config, spec)  # heads must divide the width
 
     def build_student(self, teacher, spec, copy):
         model = build_encoder_student(teacher, spec, copy["encoder"])

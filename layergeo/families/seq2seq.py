@@ -81,6 +81,7 @@ class Seq2SeqFamily(Family):
     stacks = ("encoder", "decoder")
     metric = "bleu"
     caches_teacher = False  # the teacher runs live: full-vocabulary logits per target token are too big to store
+    length_keys = ("max_length", "max_target_length")
 
     def load_task(self, config):
         cap = config.data.max_eval
@@ -170,10 +171,13 @@ class Seq2SeqFamily(Family):
     def student_depths(self, spec):
         return {"encoder": spec.layers, "decoder": spec.decoder_layers or spec.layers}
 
-    def build_student(self, teacher, spec, copy_from):
-        if spec.hidden_size is not None and spec.hidden_size != self.width(teacher.config):
+    def check_student(self, teacher_config, spec):
+        if spec.hidden_size is not None and spec.hidden_size != self.width(teacher_config):
             raise LayergeoError("a narrower seq2seq student is not supported yet; leave student.hidden_size null "
                                 "(the teacher's width)")
+
+    def build_student(self, teacher, spec, copy_from):
+        self.check_student(teacher.config, spec)
         config = copy.deepcopy(teacher.config)
         depths = self.student_depths(spec)
         for stack, (holder, key) in _depth_keys(config).items():
