@@ -32,7 +32,8 @@ EXAMPLES = {
   layergeo mapping --teacher-layers 6 --student-layers 3 --strategy rail --epoch 2
   layergeo mapping --teacher-layers 12 --student-layers 3 --strategy 1:4,2:8,3:12
   layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy shuffle
-  layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy encoder:1:2,decoder:1:6""",
+  layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy encoder:1:2,decoder:1:6
+  layergeo mapping --family causal --teacher-layers 36 --student-layers 9 --strategy all_to_one --no-embeddings""",
     "angles": """examples:
   layergeo angles --run runs/reverse                       # trained student, dev split, student space
   layergeo angles --run runs/reverse --checkpoint init     # the untrained student (the paper's view)
@@ -107,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--seed", type=int, default=0, help="seed of shuffle and rail")
     mapping.add_argument("--epoch", type=int, default=0, help="rail: the epoch whose draw to show")
     mapping.add_argument("--family", default="encoder",
-                         help="model family, encoder (default) or seq2seq: each of its stacks gets the mapping "
-                         "(seq2seq: encoder and decoder, each with its own shuffle and rail draws)")
+                         help="model family, encoder (default), seq2seq or causal: each of its stacks gets the mapping "
+                         "(seq2seq: encoder and decoder, each with its own shuffle and rail draws; causal: the decoder, "
+                         "matched without the embedding pair in the authors' LLM recipe, so add --no-embeddings)")
     mapping.add_argument("--format", choices=["table", "json"], default="table")
     for name, extras in (("angles", "the angles"), ("geometry", "angles, distances, the distance ratio, "
                                                                "debiased linear CKA and the structured cosine of layer transitions (transition_cosine.*)")):

@@ -136,9 +136,9 @@ def texts_loader(loaded: LoadedRun, split: str = "dev", texts: Path | None = Non
     """
     family = loaded.family
     if texts is not None:
-        if family.name != "encoder":
-            raise LayergeoError(f"--texts gives sources without targets, and a {family.name} run's decoder states need "
-                                "the target; measure a split (--split dev) instead")
+        if not family.reads_plain_texts:
+            raise LayergeoError(f"--texts gives plain sentences, and a {family.name} run's states count the positions of "
+                                "its task's targets or completions, which need the target; measure a split (--split dev) instead")
         lines = data.read_texts_file(texts)[:max_examples]
         frame = data.pd.DataFrame({"text": lines, "label": 0})
         columns, source = ("text",), f"texts:{texts}"

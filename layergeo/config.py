@@ -27,7 +27,7 @@ from layergeo.strategies import MappingOptions, parse_stack_pairs, strategy_name
 
 @dataclass
 class DataConfig:
-    task: str = "rotten_tomatoes"  # rotten_tomatoes, bbc_news, a local .csv/.jsonl, glue/<task> (online); seq2seq: kjv_bbe, bbc_headlines
+    task: str = "rotten_tomatoes"  # rotten_tomatoes, bbc_news, a local .csv/.jsonl, glue/<task> (online); seq2seq: kjv_bbe, bbc_headlines; causal: rt_sentiment, bbc_topic
     max_length: int = 64  # tokens; 64 covers 99.9% of Rotten Tomatoes snippets (seq2seq: of the source)
     max_target_length: int = 64  # seq2seq only: target tokens (the reference is truncated to this)
     max_train: int | None = None  # cap on training examples (deterministic subset)
@@ -63,11 +63,22 @@ class OptimConfig:
 
 
 @dataclass
+class LoraSettings:
+    """A LoRA adapter through peft (causal family): the base model frozen, only the adapter trained."""
+
+    r: int | None = None  # rank; null = no adapter, every parameter trains
+    alpha: float = 32.0
+    dropout: float = 0.1
+    target_modules: str = "all-linear"  # peft's "all-linear" (every linear layer but the LM head) or "q_proj,v_proj,..."
+
+
+@dataclass
 class TeacherConfig:
     dir: str | None = None  # a teacher run directory; null = fine-tune one into <out>/teacher (reused when complete)
     model: str = "minilm"  # minilm (embedded all-MiniLM-L6-v2), tiny-bert (random), a hub name or a local path
-    family: str = "encoder"  # encoder (classifier) | seq2seq (encoder-decoder); see layergeo/families
+    family: str = "encoder"  # encoder (classifier) | seq2seq (encoder-decoder) | causal (decoder-only LM)
     train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=5e-5))
+    lora: LoraSettings = field(default_factory=LoraSettings)  # causal only: fine-tune the teacher with LoRA, then merge
 
 
 @dataclass
@@ -81,6 +92,7 @@ class StudentConfig:
     hidden_size: int | None = None  # narrower student; null = the teacher's width
     intermediate_size: int | None = None  # null = teacher's FFN ratio x hidden_size
     num_heads: int | None = None  # null = the teacher's head count, reduced until it divides hidden_size
+    lora: LoraSettings = field(default_factory=LoraSettings)  # causal only: train a LoRA adapter on the frozen student
 
 
 @dataclass
@@ -90,6 +102,10 @@ class LossConfig:
     alpha_hidden: float = 3.0
     temperature: float = 1.0  # KL on softened distributions, scaled by T^2
     normalize: str = "none"  # none | layernorm (whole tensor, as the authors' T5 code) | l2 (per token)
+    hidden_reduction: str = "mean"  # over a token's hidden units: mean (MSE) | sum (squared distance, the authors' code)
+    # causal only: the positions the KL and hidden terms count. completion: those that predict a completion
+    # token (the CE's); all: every non-padding position, the prompt's too (the authors' LLM code)
+    positions: str = "completion"
 
 
 @dataclass
@@ -159,6 +175,8 @@ CACHE_DTYPES = ("float16", "float32")  # how the teacher cache stores states (la
 NORMALIZATIONS = ("none", "layernorm", "l2")  # of the hidden states before matching (layergeo.losses)
 STUDENT_INITS = ("copy", "random")
 COPY_RULES = ("forward", "first_last")
+POSITIONS = ("completion", "all")
+HIDDEN_REDUCTIONS = ("mean", "sum")
 SHUFFLE_MODES = ("fair", "any")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers.set_seed) takes no more
 
@@ -246,6 +264,12 @@ def validate(config: RunConfig) -> RunConfig:
             )
     for name in ("hidden_size", "intermediate_size", "num_heads"):
         _integer(f"student.{name}", getattr(student, name), 1, optional=True)
+    for where, lora in (("teacher.lora", config.teacher.lora), ("student.lora", student.lora)):
+        _integer(f"{where}.r", lora.r, 1, optional=True)
+        _number(f"{where}.alpha", lora.alpha, 0.0)
+        _number(f"{where}.dropout", lora.dropout, 0.0, inclusive=True, below=1.0)
+        if not lora.target_modules.strip():
+            raise _out_of_range(f"{where}.target_modules", lora.target_modules, "name modules, e.g. all-linear or q_proj,v_proj")
     _matching(config.matching)
     loss = config.loss
     for name in ("alpha_ce", "alpha_kl", "alpha_hidden"):
@@ -257,6 +281,8 @@ def validate(config: RunConfig) -> RunConfig:
                             "the student's loss would be 0; give loss.alpha_ce or loss.alpha_kl a weight > 0")
     _number("loss.temperature", loss.temperature, 0.0)
     _choice("loss.normalize", loss.normalize, NORMALIZATIONS)
+    _choice("loss.positions", loss.positions, POSITIONS)
+    _choice("loss.hidden_reduction", loss.hidden_reduction, HIDDEN_REDUCTIONS)
     _optim(config.train, "train.")
     return config
 

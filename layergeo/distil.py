@@ -27,7 +27,7 @@ from layergeo.processes import check_batch_size, distributed_state, make_acceler
 from layergeo.runs import RunDir, atomic_dir
 from layergeo.strategies import StackMapping, build_mapping, copy_targets
 from layergeo.teacher import (
-    check_max_length, encode_splits, family_of, fine_tune_teacher, loaders, owns_teacher, teacher_model_config,
+    check_adapters, check_max_length, encode_splits, family_of, fine_tune_teacher, loaders, owns_teacher, teacher_model_config,
     teacher_run_dir,
 )
 
@@ -73,6 +73,7 @@ def validate_student_config(config: RunConfig, out: Path) -> tuple[StackMapping,
     if config.student.init == "copy" and config.student.hidden_size not in (None, family.width(teacher_config)):
         raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
     family.check_student(teacher_config, config.student)
+    check_adapters(config, family)
     if config.train.teacher_cache and not family.caches_teacher:
         raise LayergeoError(f"train.teacher_cache is not available for the {family.name} family (its teacher runs live); "
                             "set train.teacher_cache=false")
@@ -265,7 +266,7 @@ def distillation_losses(student: nn.Module, teacher: PreTrainedModel, mapping: S
             for stack in stacks:
                 term = hidden_matching_loss(
                     student_states[stack], teacher_states[stack], pairs[stack], masks[stack],
-                    lambda s, x, stack=stack: project(s, x, stack), loss_cfg.normalize,
+                    lambda s, x, stack=stack: project(s, x, stack), loss_cfg.normalize, loss_cfg.hidden_reduction,
                 )
                 term = _scaled(term, token_share(masks[stack]))
                 terms["hidden"] = term if "hidden" not in terms else terms["hidden"] + term

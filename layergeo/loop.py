@@ -35,8 +35,9 @@ on N processes, with DDP (or FSDP from an accelerate config). What N changes, an
   (see :func:`on_main`) instead of leaving the others waiting. The final dev/test evaluation of
   the best checkpoint runs on the main process and its results are broadcast.
 * The frozen teacher is not wrapped: each process holds it on its own device.
-* Resume: ``checkpoints/last/state.pt`` holds the unwrapped weights, optimiser and scheduler
-  state and every process's RNG states; a 1-process resume is exact, as before.
+* Resume: ``checkpoints/last/state.pt`` holds the trainable weights (unwrapped), optimiser and
+  scheduler state and every process's RNG states; a 1-process resume is exact, as before. Frozen
+  weights (a LoRA student's base, frozen embeddings) are not saved: the run rebuilds them.
 
 bf16 on CUDA is ``torch.autocast`` around the whole step (student, live teacher, loss), as the
 teacher cache assumes; the Accelerator itself is told ``mixed_precision="no"`` so that it does not
@@ -150,7 +151,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     acc.wait_for_everyone()
     if resume and (last / "state.pt").is_file():
         saved = torch.load(last / "state.pt", map_location=loop.device, weights_only=False)
-        loop.module.load_state_dict(saved["module"])
+        _load_trainable(loop.module, saved["module"], last / "state.pt")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = LoopState(**_loop_fields(saved["loop"]))
@@ -294,6 +295,22 @@ def _loop_fields(saved: dict) -> dict:
     return saved
 
 
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (a LoRA student: its adapter and projections). The frozen rest is
+    rebuilt exactly when a run resumes (a copy of the teacher, or a seeded random init)."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(module: nn.Module, saved: dict[str, torch.Tensor], where: Path) -> None:
+    """Load a :func:`trainable_state` (or a full state dict written by an older layergeo) into ``module``."""
+    result = module.load_state_dict(saved, strict=False)
+    missing = set(result.missing_keys) & set(trainable_state(module))
+    if result.unexpected_keys or missing:
+        names = sorted(missing) or result.unexpected_keys
+        raise LayergeoError(f"{where} does not fit this run's model ({names[0]} {'missing' if missing else 'unexpected'}); "
+                            "it was written by another configuration: start the run again without --resume")
+
+
 def _save_last(path: Path, acc: Accelerator, module: nn.Module, optimizer, scheduler, state: LoopState) -> None:
     rngs = gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]
     if not acc.is_main_process:
@@ -301,7 +318,7 @@ def _save_last(path: Path, acc: Accelerator, module: nn.Module, optimizer, sched
     with atomic_dir(path) as tmp:
         torch.save(
             {
-                "module": module.state_dict(),
+                "module": trainable_state(module),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "loop": vars(state),

@@ -121,12 +121,7 @@ def student_config(teacher: PretrainedConfig, spec: StudentConfig) -> Pretrained
     if spec.hidden_size is None:
         return config
     hidden = spec.hidden_size
-    heads = spec.num_heads or int(teacher.num_attention_heads)
-    if spec.num_heads is None:
-        while hidden % heads:
-            heads -= 1
-    if hidden % heads:
-        raise LayergeoError(f"student.hidden_size {hidden} is not divisible by student.num_heads {heads}")
+    heads = student_heads(spec, int(teacher.num_attention_heads))
     inner_key = "hidden_dim" if hasattr(config, "hidden_dim") else "intermediate_size"  # DistilBERT names it hidden_dim
     ratio = getattr(teacher, inner_key) / width(teacher)
     config.hidden_size = hidden
@@ -135,6 +130,29 @@ def student_config(teacher: PretrainedConfig, spec: StudentConfig) -> Pretrained
     if hasattr(config, "embedding_size"):  # ELECTRA: keep embeddings at the model width
         config.embedding_size = hidden
     return config
+
+
+def student_heads(spec: StudentConfig, teacher_heads: int) -> int:
+    """``student.num_heads``, or the teacher's head count reduced until it divides ``student.hidden_size``."""
+    hidden = spec.hidden_size
+    heads = spec.num_heads or teacher_heads
+    if spec.num_heads is None:
+        while hidden % heads:
+            heads -= 1
+    if hidden % heads:
+        raise LayergeoError(f"student.hidden_size {hidden} is not divisible by student.num_heads {heads}")
+    return heads
+
+
+def read_model_config(spec: str, embedded: str):
+    """The config of hub model or local folder ``spec``, or one line naming the ``embedded`` default."""
+    require_hub(spec)
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise LayergeoError(f"cannot read the config of teacher model {spec!r} ({reason}); offline, use the "
+                            f"embedded default {embedded!r}") from None
 
 
 class Student(nn.Module):
@@ -177,8 +195,10 @@ class Student(nn.Module):
         return self.model(**batch, output_hidden_states=True)
 
     def save(self, path: Path, tokenizer) -> None:
+        from layergeo.adapters import save_model
+
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        save_model(self.model, path)
         tokenizer.save_pretrained(path)
         if self.student_width != self.teacher_width:  # written even when empty: a narrow student matched to nothing
             save_file({k: m.weight.detach().contiguous().cpu() for k, m in self.projections.items()}, path / PROJECTIONS_FILE)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import set_seed
 
 from layergeo import data
+from layergeo.adapters import save_model
 from layergeo.config import RunConfig
 from layergeo.errors import LayergeoError
 from layergeo.families import Family, get_family
@@ -59,6 +60,14 @@ def teacher_model_config(config: RunConfig, out: Path):
     return family.model_config(config.teacher.model)
 
 
+def check_adapters(config: RunConfig, family: Family) -> None:
+    """Refuse LoRA settings for a family that does not train adapters."""
+    for key, lora in (("teacher.lora.r", config.teacher.lora), ("student.lora.r", config.student.lora)):
+        if lora.r and not family.adapters:
+            raise LayergeoError(f"{key}={lora.r}: LoRA adapters are for the causal family, not the {family.name} family; "
+                                f"set {key}=null")
+
+
 def check_max_length(config: RunConfig, family: Family, model_config) -> None:
     limit = family.max_positions(model_config)
     for key in family.length_keys:
@@ -77,6 +86,7 @@ def validate_teacher_config(config: RunConfig):
     family = family_of(config)
     state, _ = distributed_state(config.device)
     check_batch_size(config.teacher.train, state.num_processes, "teacher.train")
+    check_adapters(config, family)
     check_max_length(config, family, family.model_config(config.teacher.model))
     return family.load_task(config)
 
@@ -99,6 +109,7 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
     run = RunDir(out)
     task = family.load_task(config)
     model, tokenizer = family.load_pretrained(config.teacher.model, task)
+    model = family.prepare_teacher(model, config)
     env = start_env(run, config, "teacher", device, resume, state)
     model.to(device)
     encoded = encode_splits(config, family, task, tokenizer, model.config)
@@ -112,7 +123,7 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
         return step_losses
 
     def save_best(path: Path) -> None:
-        model.save_pretrained(path)
+        save_model(model, path)
         tokenizer.save_pretrained(path)
 
     loop = Loop(run=run, accelerator=accelerator, module=model, step_losses_for=step_losses_for,

@@ -56,8 +56,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train(out: Path, teacher: Path, processes: int) -> subprocess.CompletedProcess:
-    args = ["-m", "layergeo.cli", "train", "--preset", "tiny", "--out", str(out), "--set", f"teacher.dir={teacher}"]
+def _train(out: Path, teacher: Path, processes: int, preset: str = "tiny") -> subprocess.CompletedProcess:
+    args = ["-m", "layergeo.cli", "train", "--preset", preset, "--out", str(out), "--set", f"teacher.dir={teacher}"]
     for item in SETTINGS:
         args += ["--set", item]
     if processes > 1:
@@ -107,3 +107,25 @@ def test_two_processes_give_the_mapping_and_losses_of_one(teacher, tmp_path):
     # a bad --out stops every process with the main process's one-line error, nobody waits forever
     again = _train(two, teacher, 2)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+def test_a_lora_student_of_a_causal_lm_on_two_processes_trains_as_on_one(tmp_path):
+    """The causal family on 2 processes: a LoRA student (frozen base under DDP), completion-token
+    shares for CE, KL and the hidden term. The tiny Llama and the preset's adapter have no dropout."""
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", "--preset", "causal-tiny", "--out", str(teacher), "--set", "data.max_train=64",
+                 "--set", "device=cpu"]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, processes in ((one, 1), (two, 2)):
+        done = _train(out, teacher, processes, preset="causal-tiny")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((two / "env.json").read_text())["processes"] == 2
+    steps = {n: [r for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for n, d in (("one", one), ("two", two))}
+    assert [r["step"] for r in steps["two"]] == [1, 2, 3, 4]
+    for a, b in zip(steps["one"], steps["two"]):
+        for term in TERMS:
+            assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-7), (a["step"], term, a[term], b[term])
+    dev = {n: [r for r in read_jsonl(d / "metrics.jsonl") if r.get("split") == "dev"] for n, d in (("one", one), ("two", two))}
+    for a, b in zip(dev["one"], dev["two"]):
+        assert (a["accuracy"], a["exact_match"], a["n"]) == (b["accuracy"], b["exact_match"], b["n"])
+        assert b["token_ce"] == pytest.approx(a["token_ce"], rel=1e-5)

@@ -225,3 +225,18 @@ def test_one_step_trains_the_projections():
     for key, module in student.projections.items():
         assert not torch.equal(module.weight.detach(), before[key]), key
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_summed_hidden_error_is_the_squared_distance_and_with_l2_states_two_one_minus_cos():
+    torch.manual_seed(0)
+    s, t = (torch.randn(2, 3, 5, dtype=torch.float64),), (torch.randn(2, 3, 5, dtype=torch.float64),)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    keep = mask.bool()
+    mean = float(hidden_matching_loss(s, t, [(0, 0)], mask, lambda i, x: x))
+    summed = float(hidden_matching_loss(s, t, [(0, 0)], mask, lambda i, x: x, reduction="sum"))
+    assert summed == pytest.approx(5 * mean, rel=1e-6)  # the loss computes in float32
+    cos = torch.nn.functional.cosine_similarity(s[0][keep], t[0][keep], dim=-1)
+    l2 = float(hidden_matching_loss(s, t, [(0, 0)], mask, lambda i, x: x, "l2", reduction="sum"))
+    assert l2 == pytest.approx(float((2 * (1 - cos)).mean()), rel=1e-6)
+    with pytest.raises(LayergeoError, match="hidden_reduction"):
+        hidden_matching_loss(s, t, [(0, 0)], mask, lambda i, x: x, reduction="max")

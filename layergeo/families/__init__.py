@@ -5,6 +5,6 @@ subclasses :class:`Family`, decorates it with ``@register_family("name")`` and i
 """
 
 from layergeo.families.base import Family, family_names, get_family, register_family
-from layergeo.families import encoder, seq2seq  # noqa: F401,E402 - register the families
+from layergeo.families import causal, encoder, seq2seq  # noqa: F401,E402 - register the families
 
 __all__ = ["Family", "family_names", "get_family", "register_family"]

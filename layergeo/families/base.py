@@ -34,7 +34,8 @@ class Family:
     metric: str = ""  # the dev metric that selects the best checkpoint (higher is better)
     caches_teacher: bool = False  # whether train.teacher_cache can store this family's teacher outputs
     length_keys: tuple[str, ...] = ("max_length",)  # the data.* lengths that must fit the model's positions
-    default_model: str = "minilm"
+    adapters: bool = False  # whether teacher.lora / student.lora (LoRA through peft) apply
+    reads_plain_texts: bool = False  # whether ``layergeo angles --texts`` (sentences without targets) applies
 
     # ---- tasks and batches
     def load_task(self, config: RunConfig):
@@ -60,6 +61,10 @@ class Family:
     def load_pretrained(self, spec: str, task) -> tuple[PreTrainedModel, object]:
         """A pretrained model set up for ``task`` (a fresh head where needed) and its tokenizer."""
         raise NotImplementedError
+
+    def prepare_teacher(self, model: PreTrainedModel, config: RunConfig) -> PreTrainedModel:
+        """The pretrained teacher as it is fine-tuned (e.g. with a LoRA adapter); by default itself."""
+        return model
 
     def load_checkpoint(self, path: Path) -> tuple[PreTrainedModel, object]:
         """A model saved by ``save_pretrained`` and its tokenizer."""

@@ -32,6 +32,7 @@ class EncoderFamily(Family):
     stacks = ("encoder",)
     metric = "accuracy"
     caches_teacher = True
+    reads_plain_texts = True
 
     def load_task(self, config):
         cap = config.data.max_eval

@@ -36,7 +36,9 @@ from layergeo import pairs
 from layergeo.errors import LayergeoError
 from layergeo.families.base import Family, register_family, unwrap
 from layergeo.losses import kl_to_teacher
-from layergeo.models import EMBEDDED_TEACHER, copy_chosen_layers, embedded_teacher_path, find_stack, require_hub, tiny_bert_config
+from layergeo.models import (
+    EMBEDDED_TEACHER, copy_chosen_layers, embedded_teacher_path, find_stack, read_model_config, tiny_bert_config,
+)
 
 IGNORE = -100  # label of a padding position
 TINY = "tiny-bert2bert"
@@ -103,13 +105,7 @@ class Seq2SeqFamily(Family):
         if spec == EMBEDDED_TEACHER:
             path = embedded_teacher_path()
             return self._bert2bert_config(AutoConfig.from_pretrained(path), self._embedded_tokenizer())
-        require_hub(spec)
-        try:
-            config = AutoConfig.from_pretrained(spec)
-        except (OSError, ValueError) as exc:
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-            raise LayergeoError(f"cannot read the config of teacher model {spec!r} ({reason}); offline, use the "
-                                "embedded default 'minilm'") from None
+        config = read_model_config(spec, EMBEDDED_TEACHER)
         if not getattr(config, "is_encoder_decoder", False):
             raise LayergeoError(f"teacher model {spec!r} is a {config.model_type}, not an encoder-decoder; the seq2seq "
                                 "family takes T5, BART, Marian or an EncoderDecoderModel (teacher.family=encoder for encoders)")
