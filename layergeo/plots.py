@@ -48,7 +48,7 @@ STRATEGY_LABELS = {
 INIT_LABELS = {"copy": "Weights copied", "random": "Randomly initialised"}
 CHECKPOINT_LABELS = {"init": "Untrained", "best": "Trained"}
 TASK_LABELS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News", "kjv_bbe": "KJV → BBE",
-               "bbc_headlines": "BBC headlines"}
+               "bbc_headlines": "BBC headlines", "rt_sentiment": "RT review → sentiment", "bbc_topic": "BBC article → topic"}
 TERM_LABELS = {
     "loss": "Total loss",
     "ce": "Cross-entropy with labels",

@@ -24,9 +24,9 @@ from layergeo.runs import read_json, write_text
 from layergeo.stats import ALPHA, compare_family
 
 METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc",
-           "test_bleu": "test BLEU", "test_chrf": "test chrF", "dev_bleu": "dev BLEU"}
-PERCENT = ("accuracy", "macro_f1", "majority_rate")  # fractions in results.json, shown in %
-SCORES = ("bleu", "chrf")  # generation scores, already 0-100 (sacrebleu)
+           "test_bleu": "test BLEU", "test_chrf": "test chrF", "dev_bleu": "dev BLEU", "test_exact_match": "test EM"}
+PERCENT = ("accuracy", "macro_f1", "majority_rate", "exact_match")  # fractions in results.json, shown in %
+SCORES = ("bleu", "chrf", "perplexity")  # sacrebleu's 0-100 scores, and the completion perplexity (results_all only)
 SETTING_KEYS = ["student_layers", "hidden_size", "normalize", "alpha_hidden"]
 STAT_COLUMNS = ["n_seeds", "mean_diff", "sd_diff", "d_z", "t", "p", "p_holm", "ci_level", "ci_low", "ci_high",
                 "bca_low", "bca_high", "answer"]
