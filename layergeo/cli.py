@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--strategy", default="forward", help=f"{', '.join(strategy_names())}, or pairs like 1:4,2:8,3:12")
     mapping.add_argument("--target", type=int, help="all_to_one target teacher layer (default: the middle one)")
     mapping.add_argument("--no-embeddings", action="store_true", help="leave out the S0->T0 embedding pair")
-    mapping.add_argument("--shuffle", choices=["fair", "any"], default="fair", help="shuffle: exclude forward/reverse orders (fair) or not")
+    mapping.add_argument("--shuffle", choices=["fair", "any", "distinct"], default="fair",
+                         help="shuffle: exclude forward/reverse orders (fair), or not (any), or fair and distinct across seeds (distinct)")
     mapping.add_argument("--seed", type=int, default=0, help="seed of shuffle and rail")
     mapping.add_argument("--epoch", type=int, default=0, help="rail: the epoch whose draw to show")
     mapping.add_argument("--family", default="encoder",

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from layergeo.errors import LayergeoError
-from layergeo.strategies import MappingOptions, parse_stack_pairs, strategy_names
+from layergeo.strategies import SHUFFLE_MODES, MappingOptions, parse_stack_pairs, strategy_names
 
 
 @dataclass
@@ -177,7 +177,6 @@ STUDENT_INITS = ("copy", "random")
 COPY_RULES = ("forward", "first_last")
 POSITIONS = ("completion", "all")
 HIDDEN_REDUCTIONS = ("mean", "sum")
-SHUFFLE_MODES = ("fair", "any")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers.set_seed) takes no more
 
 
@@ -328,6 +327,10 @@ def _matching(options: MappingOptions) -> None:
                                     "layer indices are >= 0 (0 = the embedding output)")
     _integer("matching.target", options.target, 0, optional=True, rule="it must be null or a teacher state >= 0")
     _integer("matching.rail_every_steps", options.rail_every_steps, 1, optional=True)
+    _integer("matching.rail_draws", options.rail_draws, 1, optional=True)
+    if options.rail_draws is not None and options.rail_every_steps is not None:
+        raise LayergeoError("config keys 'matching.rail_draws' and 'matching.rail_every_steps' are both set; give one "
+                            "(draws over the run, or a period in steps)")
     _choice("matching.shuffle", options.shuffle, SHUFFLE_MODES)
 
 

@@ -20,12 +20,12 @@ from layergeo.cache import TeacherCache, teacher_digest
 from layergeo.config import OptimConfig, RunConfig
 from layergeo.errors import LayergeoError
 from layergeo.families import Family
-from layergeo.loop import Loop, StepLosses, finish_run, fit, start_env
+from layergeo.loop import Loop, StepLosses, finish_run, fit, start_env, total_steps
 from layergeo.losses import hidden_matching_loss
 from layergeo.models import Student
 from layergeo.processes import check_batch_size, distributed_state, make_accelerator, on_main
 from layergeo.runs import RunDir, atomic_dir
-from layergeo.strategies import StackMapping, build_mapping, copy_targets
+from layergeo.strategies import StackMapping, build_mapping, copy_targets, rail_schedule
 from layergeo.teacher import (
     check_adapters, check_max_length, encode_splits, family_of, fine_tune_teacher, loaders, owns_teacher, teacher_model_config,
     teacher_run_dir,
@@ -68,7 +68,9 @@ def validate_student_config(config: RunConfig, out: Path) -> tuple[StackMapping,
     family = family_of(config)
     teacher_config = teacher_model_config(config, out)
     depths = stack_depths(family, teacher_config, config)
-    mapping = build_mapping(config.matching, depths, config.seed)
+    task = family.load_task(config)
+    mapping = build_mapping(rail_schedule(config.matching, total_steps(student_optim(config), len(task.splits["train"]))),
+                            depths, config.seed)
     copy_plan(config, depths)
     if config.student.init == "copy" and config.student.hidden_size not in (None, family.width(teacher_config)):
         raise LayergeoError("student.init=copy needs the teacher's width; use student.init=random for a narrower student")
@@ -82,7 +84,6 @@ def validate_student_config(config: RunConfig, out: Path) -> tuple[StackMapping,
     if owns_teacher(config, out) and not RunDir(teacher_run_dir(config, out)).finished:
         check_batch_size(config.teacher.train, state.num_processes, "teacher.train")
     check_max_length(config, family, teacher_config)
-    task = family.load_task(config)
     if RunDir(teacher_run_dir(config, out)).finished:
         family.task_check(task, teacher_config, teacher_run_dir(config, out))
     return mapping, task

@@ -123,6 +123,11 @@ def _loader(loop: Loop, epoch: int):
     )
 
 
+def total_steps(optim: OptimConfig, n_train: int) -> int:
+    """The optimiser steps of a run: ``max_steps``, or ``epochs`` passes over ``n_train`` examples."""
+    return optim.max_steps or math.ceil(n_train / optim.batch_size) * optim.epochs
+
+
 def fit(loop: Loop, resume: bool) -> LoopState:
     """Train with periodic dev evaluation; the best checkpoint goes to ``checkpoints/best``.
 
@@ -132,7 +137,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     main = acc.is_main_process
     check_batch_size(optim, acc.num_processes, "train")
     steps_per_epoch = math.ceil(len(loop.train_data) / optim.batch_size)
-    total = optim.max_steps or steps_per_epoch * optim.epochs
+    total = total_steps(optim, len(loop.train_data))
     if total < 1:
         raise LayergeoError("the training budget is zero steps; raise train.epochs or train.max_steps")
     eval_every = optim.eval_every or steps_per_epoch

@@ -18,6 +18,8 @@ their stack (``encoder:1:4,decoder:1:4``); plain ``1:4`` is valid for a one-stac
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +40,10 @@ class MappingOptions:
     target: int | None = None  # all_to_one target; the middle teacher layer when None
     pairs: str | None = None  # explicit "1:4,2:8,3:12"
     rail_every_steps: int | None = None  # rail: resample every N steps instead of every epoch
-    shuffle: str = "fair"  # "fair": neither forward nor reverse order; "any": any permutation
+    rail_draws: int | None = None  # rail: resample this many times over the run (every ceil(total steps / N) steps)
+    # "fair": neither forward nor reverse order; "any": any permutation; "distinct": fair, and the seeds of a grid
+    # train distinct permutations as far as there are any (seed s takes the s-th of a fixed order, modulo their number)
+    shuffle: str = "fair"
 
 
 def forward_targets(teacher_layers: int, student_layers: int) -> list[int]:
@@ -350,18 +355,46 @@ def _shuffle(lt: int, ls: int, options: MappingOptions, seed: int, stream: int =
     shuffle is a different treatment from both; that is impossible with fewer
     than three student layers, where the plain permutation is used and said so.
     """
-    if options.shuffle not in ("fair", "any"):
-        raise LayergeoError(f"unknown shuffle mode {options.shuffle!r}; choose 'fair' or 'any'")
+    if options.shuffle not in SHUFFLE_MODES:
+        raise LayergeoError(f"unknown shuffle mode {options.shuffle!r}; choose one of {', '.join(SHUFFLE_MODES)}")
     forward = forward_targets(lt, ls)
-    excluded = [forward, forward[::-1]] if options.shuffle == "fair" and ls >= 3 else []
+    if options.shuffle == "distinct" and ls <= DISTINCT_MAX_LAYERS:
+        return _distinct_shuffle(lt, ls, options, seed, stream, forward)
+    excluded = [forward, forward[::-1]] if options.shuffle != "any" and ls >= 3 else []
     rng = np.random.default_rng([seed, 0x5F] + ([stream] if stream else []))
     order = [int(t) for t in rng.permutation(forward)]
     while order in excluded:
         order = [int(t) for t in rng.permutation(forward)]
     note = "neither forward nor reverse" if excluded else "any permutation"
-    if options.shuffle == "fair" and ls < 3:
+    if options.shuffle != "any" and ls < 3:
         note = f"any permutation (a {ls}-layer student has no order that is neither forward nor reverse)"
     return Mapper("shuffle", lt, ls, _with_embeddings(order, options), note=note)
+
+
+SHUFFLE_MODES = ("fair", "any", "distinct")
+DISTINCT_MAX_LAYERS = 8  # up to 8! = 40,320 orders are listed; deeper students draw (a repeat is then ~impossible)
+
+
+def _distinct_shuffle(lt: int, ls: int, options: MappingOptions, seed: int, stream: int, forward: list[int]) -> Mapper:
+    """Seed s trains the s-th (mod their number) of the fair orders of the forward targets, in one fixed random
+    order (drawn from the stack's stream, not from the seed), so seeds 0..N-1 of a grid train N distinct orders."""
+    positions = list(itertools.permutations(range(ls)))
+    if ls >= 3:
+        positions = [p for p in positions if list(p) not in (list(range(ls)), list(range(ls))[::-1])]
+    order = np.random.default_rng([0x5F, 0xD1] + ([stream] if stream else [])).permutation(len(positions))
+    index = int(order[seed % len(positions)])
+    chosen = [forward[i] for i in positions[index]]
+    note = (f"order {seed % len(positions) + 1} of the {len(positions)} "
+            f"{'fair orders (neither forward nor reverse)' if ls >= 3 else 'orders'}: seeds {seed % len(positions)} + "
+            f"k x {len(positions)} train it")
+    return Mapper("shuffle", lt, ls, _with_embeddings(chosen, options), note=note)
+
+
+def rail_schedule(options: MappingOptions, total_steps: int) -> MappingOptions:
+    """``options`` with ``rail_draws`` turned into a period of steps (``rail_every_steps``) for a run of ``total_steps``."""
+    if options.rail_draws is None:
+        return options
+    return dataclasses.replace(options, rail_every_steps=max(1, math.ceil(total_steps / options.rail_draws)))
 
 
 @register("rail")

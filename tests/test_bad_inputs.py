@@ -120,8 +120,15 @@ OTHER_BAD = {
     "loss.alpha_kl": ["-0.5", ".inf"],
     "loss.alpha_hidden": ["-3", "nan"],
     "loss.normalize": ["batchnorm"],
+    "loss.hidden_reduction": ["max"],
+    "loss.positions": ["prompt"],
+    "student.lora.r": ["0", "-8"],
+    "student.lora.dropout": ["1", "-0.1"],
+    "student.lora.alpha": ["0"],
+    "teacher.lora.r": ["0"],
     "matching.strategy": ["backwards"],
     "matching.rail_every_steps": ["0"],
+    "matching.rail_draws": ["0", "-2"],
     "matching.target": ["-1"],
     "matching.shuffle": ["sometimes"],
     "matching.embeddings": ["maybe"],
@@ -131,6 +138,9 @@ for key, values in OTHER_BAD.items():
         case(f"train-set-{key}={value}", "train", *TINY, "--set", f"{key}={value}", "--out", "{tmp}/out")
 for key, value in [("seed", "-1"), ("data.max_length", "0"), ("data.max_train", "0")]:
     case(f"teacher-set-{key}={value}", "teacher", *TINY, "--set", f"{key}={value}", "--out", "{tmp}/out")
+case("train-set-rail-draws-and-period", "train", *TINY, "--set", "matching.rail_draws=4", "--set",
+     "matching.rail_every_steps=2", "--out", "{tmp}/out")
+case("train-set-lora-on-an-encoder", "train", *TINY, "--set", "student.lora.r=8", "--out", "{tmp}/out")
 case("train-set-all-alphas-zero", "train", *TINY, "--set", "loss.alpha_ce=0", "--set", "loss.alpha_kl=0",
      "--set", "loss.alpha_hidden=0", "--out", "{tmp}/out")
 

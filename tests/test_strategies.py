@@ -6,7 +6,7 @@ import pytest
 
 from layergeo.cli import main
 from layergeo.errors import LayergeoError
-from layergeo.strategies import MappingOptions, build_mapper, forward_targets, parse_pairs, strategy_names
+from layergeo.strategies import MappingOptions, build_mapper, build_mapping, forward_targets, parse_pairs, strategy_names
 
 
 def mapper(strategy="forward", lt=12, ls=3, seed=0, **kw):
@@ -324,3 +324,35 @@ def test_cli_mapping_bad_input(argv, capsys):
     assert len(lines) == 1
     assert lines[0].startswith("layergeo mapping: error: ")
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("ls", [3, 4])
+def test_distinct_shuffle_gives_the_seeds_of_a_grid_distinct_fair_orders_until_there_are_none_left(ls):
+    import itertools
+    import math
+
+    lt = 2 * ls
+    forward = forward_targets(lt, ls)
+    n_fair = math.factorial(ls) - 2
+    options = MappingOptions(strategy="shuffle", shuffle="distinct", embeddings=False)
+    orders = [[t for _, t in build_mapper(options, lt, ls, seed).pairs_at()] for seed in range(n_fair + 2)]
+    fair = {tuple(p) for p in itertools.permutations(forward)} - {tuple(forward), tuple(forward[::-1])}
+    assert {tuple(o) for o in orders[:n_fair]} == fair  # seeds 0..N-1: every fair order once
+    assert orders[n_fair:] == orders[:2]  # then they repeat, in the same order
+    note = build_mapper(options, lt, ls, 1).note
+    assert f"of the {n_fair} fair orders" in note
+    # another stack has its own fixed order of the orders
+    stacked = build_mapping(options, {"encoder": (lt, ls), "decoder": (lt, ls)}, 0).pairs_at()
+    assert stacked["encoder"] == build_mapper(options, lt, ls, 0).pairs_at()
+
+
+def test_rail_draws_spread_that_many_draws_over_the_run():
+    from layergeo.strategies import rail_schedule
+
+    options = MappingOptions(strategy="rail", rail_draws=4)
+    scheduled = rail_schedule(options, total_steps=30)
+    assert scheduled.rail_every_steps == 8  # ceil(30 / 4): periods 0..3 over steps 0..29
+    mapper = build_mapper(scheduled, 12, 3, seed=0)
+    assert {mapper.period(0, step) for step in range(30)} == {0, 1, 2, 3}
+    assert rail_schedule(MappingOptions(strategy="rail"), 30).rail_every_steps is None
+    assert rail_schedule(MappingOptions(strategy="rail", rail_draws=50), 30).rail_every_steps == 1

@@ -170,3 +170,12 @@ def test_term_gradient_norms_and_random_init_budget(tiny_run, tmp_path):
     copy = tmp_path / "copy"
     assert _train(copy, tiny_run / "teacher", "train.random_init_epochs=2") == 0
     assert [r for r in read_jsonl(copy / "metrics.jsonl") if "loss" in r][-1]["step"] == 8
+
+
+def test_rail_draws_redraws_that_many_times_and_logs_every_draw(tmp_path):
+    out = tmp_path / "rail"
+    assert main(["train", "--preset", "tiny", "--set", "device=cpu", "--set", "matching.strategy=rail",
+                 "--set", "matching.rail_draws=3", "--out", str(out)]) == 0  # 256 examples / 32 = 8 steps
+    logged = [json.loads(line) for line in (out / "mapping.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 3, 6]  # a draw every ceil(8 / 3) = 3 steps
+    assert all(r["strategy"] == "rail" for r in logged)
