@@ -20,7 +20,7 @@ import pandas as pd
 
 from layergeo.errors import LayergeoError
 from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label, task_label
-from layergeo.runs import read_json, write_text
+from layergeo.runs import read_json, read_jsonl, write_text
 from layergeo.stats import ALPHA, compare_family
 
 METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc",
@@ -59,6 +59,7 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
             "hidden_size": config["student"]["hidden_size"] or "teacher",
             "normalize": config["loss"]["normalize"],
             "alpha_hidden": config["loss"]["alpha_hidden"],
+            "pairs": trained_pairs(results_file.parent),
             **_teacher_score(results["teacher_results"]["test"]),
             **{column: config[section].get(key) for column, (section, key) in (config_keys or {}).items()},
         }
@@ -72,6 +73,20 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
     if not rows:
         raise LayergeoError(f"no finished student runs under {root}; run a sweep first (layergeo sweep GRID.yaml)")
     return pd.DataFrame(rows)
+
+
+def trained_pairs(run: Path) -> str:
+    """The mapping a run trained, from its mapping.jsonl: "S1>T8 S2>T12 S3>T4" (per stack when there are several),
+    or "N draws" for a mapping redrawn during training (RAIL)."""
+    logged = read_jsonl(run / "mapping.jsonl") if (run / "mapping.jsonl").is_file() else []
+    if not logged:
+        return "-"
+    if len(logged) > 1:
+        return f"{len(logged)} draws"
+    pairs = logged[0]["pairs"]
+    stacks = pairs if isinstance(pairs, dict) else {"": pairs}
+    text = {stack: " ".join(f"S{s}>T{t}" for s, t in p) or "none" for stack, p in stacks.items()}
+    return "; ".join(f"{stack}: {t}" if stack else t for stack, t in text.items())
 
 
 def _teacher_score(test: dict) -> dict:
