@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch.utils.data import Dataset
 
 from layergeo import data
@@ -118,6 +119,7 @@ class EncodedCompletions(Dataset):
         self.completions = completions
         self.choice_ids = choice_ids
         self.gold = gold
+        self.longest_completion = max((sum(1 for t in item["labels"] if t != IGNORE) for item in items), default=0)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,8 +181,6 @@ class CompletionCollator:
         self.pad = {"input_ids": pad_token_id, "labels": IGNORE, "attention_mask": 0, "distil_mask": 0}
 
     def __call__(self, items: list[dict]) -> dict:
-        import torch
-
         width = max(len(item["input_ids"]) for item in items)
         batch = {key: torch.tensor([item[key] + [fill] * (width - len(item[key])) for item in items])
                  for key, fill in self.pad.items()}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from layergeo.adapters import save_model
 from layergeo.config import StudentConfig
 from layergeo.errors import LayergeoError
 
@@ -195,8 +196,6 @@ class Student(nn.Module):
         return self.model(**batch, output_hidden_states=True)
 
     def save(self, path: Path, tokenizer) -> None:
-        from layergeo.adapters import save_model
-
         path.mkdir(parents=True, exist_ok=True)
         save_model(self.model, path)
         tokenizer.save_pretrained(path)

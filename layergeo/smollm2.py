@@ -60,12 +60,9 @@ def model_folder() -> Path:
     source = gguf_path()
     folder = cache_root() / "smollm2-135m-instruct-q4_1-f32"
     marker = folder / SOURCE_FILE
-    size = source.stat().st_size
-    if marker.is_file():
-        recorded = json.loads(marker.read_text())
-        if recorded.get("size") == size and recorded.get("gguf") == str(source):
-            return folder
-    digest = sha256(source)
+    digest = sha256(source)  # under half a second for the 98 MB file
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
+        return folder
     if digest != GGUF_SHA256:
         raise LayergeoError(f"{source} has sha256 {digest[:16]}..., not the published {GGUF_SHA256[:16]}...; "
                             f"reinstall it with: {INSTALL}")
@@ -75,7 +72,7 @@ def model_folder() -> Path:
         raise LayergeoError("reading the embedded LM needs the gguf package; run: pip install gguf") from None
     with atomic_dir(folder) as tmp:
         _convert(source, tmp)
-        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(source), "size": size, "sha256": digest,
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(source), "sha256": digest,
                                                    "weights": "Q4_1 dequantised to float32"}, indent=1))
     return folder
 

@@ -12,13 +12,16 @@ BUDGET = ["data.max_train=1600", "data.max_eval=400", "teacher.train.max_steps=1
           "train.max_steps=50", "train.eval_every=25", "teacher.train.eval_every=25"]
 
 
+def train_args(out, budget: list[str], preset: str | None = None) -> list[str]:
+    """``layergeo train`` into ``out`` with ``budget`` as --set overrides (on ``preset`` when given)."""
+    return ["train", *(["--preset", preset] if preset else []), "--out", str(out),
+            *(arg for item in budget for arg in ("--set", item))]
+
+
 @pytest.mark.slow
 def test_embedded_teacher_and_student_learn_and_angles_run(tmp_path):
     out = tmp_path / "forward"
-    args = ["train", "--out", str(out)]
-    for item in BUDGET:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(train_args(out, BUDGET)) == 0
     results = json.loads((out / "results.json").read_text())
     dev = results["teacher_results"]["dev"]
     labels = json.loads((out / "teacher" / "checkpoints" / "best" / "config.json").read_text())["id2label"]
@@ -45,10 +48,7 @@ def test_embedded_seq2seq_teacher_and_student_learn_and_angles_measure_both_stac
     start random); 60 steps must bring it well down, and the 3 + 3-layer copied student must keep
     most of that after 20 steps of distillation."""
     out = tmp_path / "seq2seq"
-    args = ["train", "--preset", "seq2seq", "--out", str(out)]
-    for item in SEQ2SEQ_BUDGET:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(train_args(out, SEQ2SEQ_BUDGET, "seq2seq")) == 0
     results = json.loads((out / "results.json").read_text())
     teacher = results["teacher_results"]
     assert teacher["dev"]["token_ce"] < 6.0, teacher["dev"]
@@ -75,10 +75,7 @@ def test_embedded_smollm2_teacher_and_lora_student_run_and_angles_measure_the_de
     3.1, the eos after the word still uncertain) it must stay above chance with a low perplexity, and
     the merged student must load and be measured over its 31 x 11 decoder states."""
     out = tmp_path / "llm"
-    args = ["train", "--preset", "causal", "--out", str(out)]
-    for item in CAUSAL_BUDGET:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(train_args(out, CAUSAL_BUDGET, "causal")) == 0
     results = json.loads((out / "results.json").read_text())
     teacher = results["teacher_results"]["dev"]
     assert teacher["perplexity"] < 10.0 and teacher["accuracy"] > 0.5, teacher

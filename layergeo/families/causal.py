@@ -202,7 +202,7 @@ class CausalFamily(Family):
         was_training = lm.training
         lm.eval()
         dataset = loader.dataset
-        max_new = config.generation.max_new_tokens or max(sum(1 for t in item["labels"] if t != IGNORE) for item in dataset.items)
+        max_new = config.generation.max_new_tokens or dataset.longest_completion
         scores, answers, sums = {}, {}, torch.zeros(3, dtype=torch.float64)  # CE sum, tokens right, tokens
         for batch in loader:
             indices = batch["index"].tolist()

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
-from transformers import AutoConfig, DataCollatorWithPadding
+from transformers import DataCollatorWithPadding
 
 from layergeo import data
 from layergeo.errors import LayergeoError
 from layergeo.families.base import Family, register_family, unwrap
 from layergeo.losses import kl_to_teacher
 from layergeo.models import (
-    EMBEDDED_TEACHER, build_encoder_student, depth, embedded_teacher_path, load_checkpoint, load_pretrained, require_hub,
+    EMBEDDED_TEACHER, build_encoder_student, depth, embedded_teacher_path, load_checkpoint, load_pretrained, read_model_config,
     student_config, tiny_bert_config, width,
 )
 
@@ -54,14 +54,7 @@ class EncoderFamily(Family):
     def model_config(self, spec: str):
         if spec == "tiny-bert":
             return tiny_bert_config(2, 2)
-        path = embedded_teacher_path() if spec == EMBEDDED_TEACHER else spec
-        require_hub(path)
-        try:
-            return AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-            raise LayergeoError(f"cannot read the config of teacher model {spec!r} ({reason}); offline, use the "
-                                "embedded default 'minilm'") from None
+        return read_model_config(embedded_teacher_path() if spec == EMBEDDED_TEACHER else spec, EMBEDDED_TEACHER)
 
     def load_pretrained(self, spec: str, task):
         model, tokenizer = load_pretrained(spec, task.num_labels)
