@@ -53,6 +53,10 @@ EXAMPLES = {
   layergeo report runs/classification --paper                # with the paper's published numbers beside""",
     "figures": """examples:
   layergeo figures runs/classification                       # figures in runs/classification/figures/""",
+    "explain": """examples:
+  layergeo train --preset tiny --out /tmp/run && layergeo explain --run /tmp/run     # /tmp/run/explain/
+  layergeo train --preset tiny --set trace.gradients=true --out /tmp/grad && layergeo explain --run /tmp/grad
+  layergeo explain --runs runs/explain/runs --out runs/explain/compare             # strategies side by side""",
     "verdict": """examples:
   layergeo verdict runs/classification                       # after report/figures: runs/classification/verdict/
   layergeo verdict runs/classification --metric dev_accuracy
@@ -172,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("runs_dir", metavar="RUNS_DIR")
     figures.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/figures")
 
+    explain = sub.add_parser("explain", help="one page of why a run's matching did what it did, from its geometry trace",
+                             epilog=EXAMPLES["explain"], formatter_class=fmt, description=textwrap.fill(
+                                 "Reads the geometry trace a run wrote while it trained (trace.examples dev examples, "
+                                 "probed at step 0 and trace.probes times; no checkpoint is loaded) and draws: (a) the "
+                                 "acute fraction and Thales ratio at the student over training, (b) the distance to the "
+                                 "matched and to the other teacher layers, (c) one token in the plane of a teacher pair "
+                                 "with the student's trajectory and the pair's Thales ball; for runs trained with "
+                                 "trace.gradients=true, (d) the parameter-gradient alignment of pulls toward two teacher "
+                                 "layers at start, middle and end and (e) each strategy's hidden-loss gradient and the "
+                                 "KL gradient against the task's CE gradient over training (opt-in: measured at 1.7 x the rest of a 32-step "
+                                 "MiniLM run's time, against 0.045 x for the default trace; BENCHMARKS.md). Writes explain.png/.pdf, "
+                                 "explain.md (the numbers in sentences) and the tables as CSV.", 100))
+    which = explain.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", metavar="DIR", help="a student run directory: its page")
+    which.add_argument("--runs", nargs="+", metavar="DIR", help="runs (or folders of runs) of one setting: their traces "
+                       "compared, a line per strategy (mean over seeds) and init; --out required")
+    explain.add_argument("--out", metavar="DIR", help="default: DIR/explain (with --run)")
+
     verdict = sub.add_parser("verdict", help="the paper's three claims answered with intervals and tests",
                              epilog=EXAMPLES["verdict"], formatter_class=fmt,
                              description=textwrap.fill("(a) does every matching strategy beat none (paired differences on the same "
@@ -182,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "vs trained, and does the trained fraction, or the trained Thales ratio (distance from a "
                              "teacher pair's midpoint over half the pair's distance), predict the metric (Spearman)? "
                              "Reads a sweep after `layergeo figures`, or the two saved tables. Writes claim_a/b/c CSVs, "
-                             "verdict.md and verdict.png/.pdf.", 100))
+                             "verdict.md and verdict.png/.pdf; when the runs evaluated test along training "
+                             "(train.eval_steps, train.eval_test), also (a) and (b) at each training budget "
+                             "(claim_a/b_by_budget.csv, budget_differences.png).", 100))
     verdict.add_argument("runs_dir", metavar="RUNS_DIR", nargs="?", help="a sweep folder (with figures/acute_summary.csv)")
     verdict.add_argument("--results", metavar="CSV", help="instead of RUNS_DIR: a saved report/results_all.csv ...")
     verdict.add_argument("--acute", metavar="CSV", help="... and its figures/acute_summary.csv")
+    verdict.add_argument("--budgets", metavar="CSV", help="... and (optional) its report/results_by_budget.csv: the claims "
+                         "at each training budget (runs trained with train.eval_steps and train.eval_test)")
     verdict.add_argument("--metric", default="test_accuracy", help="test_accuracy (default), dev_accuracy, test_macro_f1")
     verdict.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/verdict (required with --results)")
 
@@ -276,19 +302,39 @@ def run_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_explain(args: argparse.Namespace) -> int:
+    from layergeo.explain import explain_run, explain_runs
+    from layergeo.runs import check_output_path
+
+    if args.out:
+        check_output_path(Path(args.out))
+    if args.runs:
+        if not args.out:
+            raise LayergeoError("--runs needs --out DIR: the comparison belongs to no single run")
+        out = explain_runs(args.runs, Path(args.out))
+        print((out / "compare.md").read_text().strip())
+        print(f"comparison (PNG and PDF) and compare.csv in {out}")
+        return 0
+    out = explain_run(args.run, Path(args.out) if args.out else None)
+    print((out / "explain.md").read_text().strip())
+    print(f"page (PNG and PDF) and tables in {out}")
+    return 0
+
+
 def run_verdict(args: argparse.Namespace) -> int:
     from layergeo.runs import check_output_path
     from layergeo.verdict import read_table, verdict_from_sweep, write_verdict
 
     if args.out:
         check_output_path(Path(args.out))
-    if args.runs_dir and not (args.results or args.acute):
+    if args.runs_dir and not (args.results or args.acute or args.budgets):
         out = verdict_from_sweep(Path(args.runs_dir), Path(args.out) if args.out else None, args.metric)
     elif args.results and args.acute and args.out and not args.runs_dir:
-        tables = {name: read_table(Path(getattr(args, name)), f"--{name}") for name in ("results", "acute")}
-        out = write_verdict(tables["results"], tables["acute"], Path(args.out), args.metric)
+        names = ("results", "acute", "budgets") if args.budgets else ("results", "acute")
+        tables = {name: read_table(Path(getattr(args, name)), f"--{name}") for name in names}
+        out = write_verdict(tables["results"], tables["acute"], Path(args.out), args.metric, tables.get("budgets"))
     else:
-        raise LayergeoError("give either RUNS_DIR, or --results CSV --acute CSV --out DIR")
+        raise LayergeoError("give either RUNS_DIR, or --results CSV --acute CSV [--budgets CSV] --out DIR")
     print((out / "verdict.md").read_text().split("\n## ")[0].strip())
     print(f"tables and figure in {out}")
     return 0
@@ -410,7 +456,7 @@ def _quiet_libraries() -> None:
 
 COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping, "angles": run_angles,
             "geometry": run_angles, "sweep": run_sweep, "report": run_report, "figures": run_figures,
-            "verdict": run_verdict, "reproduce": run_reproduce}
+            "explain": run_explain, "verdict": run_verdict, "reproduce": run_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

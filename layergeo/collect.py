@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from layergeo import data
-from layergeo.config import RunConfig
+from layergeo.config import RunConfig, data_seed
 from layergeo.errors import LayergeoError
 from layergeo.families import Family, get_family
 from layergeo.models import Student
@@ -154,7 +154,7 @@ def texts_loader(loaded: LoadedRun, split: str = "dev", texts: Path | None = Non
             max_target_length=max_length or config.data.max_target_length, max_eval=None, max_train=None))
         task = family.load_task(config)
         if max_examples:
-            task = dataclasses.replace(task, splits=data.cap_splits(task.splits, {split: max_examples}, config.seed))
+            task = dataclasses.replace(task, splits=data.cap_splits(task.splits, {split: max_examples}, data_seed(config)))
         encoded = family.encode(config, task, split, loaded.tokenizer, loaded.teacher.config)
         source, n = f"{task.name}:{split}", len(encoded)
     loader = data.make_loader(encoded, loaded.tokenizer, batch_size, shuffle=False, seed=0,

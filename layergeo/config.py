@@ -32,6 +32,9 @@ class DataConfig:
     max_target_length: int = 64  # seq2seq only: target tokens (the reference is truncated to this)
     max_train: int | None = None  # cap on training examples (deterministic subset)
     max_eval: int | None = None  # cap on dev and test examples
+    # seeds the max_train / max_eval samples; null = the run's seed. Give it a value to keep one training subset for
+    # every seed of a grid (the seed then only draws the model: init, data order, dropout, shuffles, RAIL draws)
+    seed: int | None = None
 
 
 @dataclass
@@ -44,6 +47,8 @@ class OptimConfig:
     warmup_ratio: float = 0.1  # linear warm-up then linear decay
     grad_clip: float = 1.0
     eval_every: int | None = None  # evaluate on dev every N steps; null = once per epoch
+    eval_steps: list[int] | None = None  # also evaluate on dev at these steps (budgets: one run, several budgets)
+    eval_test: bool = False  # at every dev evaluation also evaluate test (logged, never used to select a checkpoint)
     log_every: int = 10
     early_stop: int | None = None  # stop after N evaluations without a better dev metric
     # Student runs only: run the teacher once over the train split and read its logits and matched hidden
@@ -117,6 +122,18 @@ class GenerationConfig:
 
 
 @dataclass
+class TraceConfig:
+    """Geometry along training (student runs, ``layergeo.trace``): a fixed probe set of dev examples."""
+
+    examples: int = 16  # dev examples in the probe set (~430 Rotten Tomatoes tokens); 0 = no trace
+    probes: int = 10  # probes spread evenly over the run, besides step 0 (when every is null)
+    every: int | None = None  # probe every N steps instead
+    # also the parameter-gradient alignments of the pulls toward teacher layers (layergeo.alignment) on 2 x examples
+    # more dev examples; memory (teacher layers + 1) x trainable parameters floats per probe. Opt-in: see BENCHMARKS.md
+    gradients: bool = False
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -127,6 +144,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -169,7 +187,7 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("layergeo.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-OPTIONAL_SECTIONS = ("generation",)  # added after runs were saved without it: missing = the defaults
+OPTIONAL_SECTIONS = ("generation", "trace")  # added after runs were saved without it: missing = the defaults
 SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in OPTIONAL_SECTIONS)  # a saved config.yaml has them
 CACHE_DTYPES = ("float16", "float32")  # how the teacher cache stores states (layergeo.cache)
 NORMALIZATIONS = ("none", "layernorm", "l2")  # of the hidden states before matching (layergeo.losses)
@@ -178,6 +196,11 @@ COPY_RULES = ("forward", "first_last")
 POSITIONS = ("completion", "all")
 HIDDEN_REDUCTIONS = ("mean", "sum")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (transformers.set_seed) takes no more
+
+
+def data_seed(config: RunConfig) -> int:
+    """The seed of the training subset and the dev/test caps: ``data.seed``, or the run's seed when it is null."""
+    return config.seed if config.data.seed is None else config.data.seed
 
 
 def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] = (),
@@ -244,6 +267,7 @@ def validate(config: RunConfig) -> RunConfig:
     _integer("data.max_length", data.max_length, 2)
     _integer("data.max_train", data.max_train, 1, optional=True)
     _integer("data.max_eval", data.max_eval, 1, optional=True)
+    _integer("data.seed", data.seed, 0, MAX_SEED, optional=True)
     _integer("data.max_target_length", data.max_target_length, 2)
     _integer("generation.num_beams", config.generation.num_beams, 1)
     _integer("generation.max_new_tokens", config.generation.max_new_tokens, 1, optional=True)
@@ -283,6 +307,9 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("loss.positions", loss.positions, POSITIONS)
     _choice("loss.hidden_reduction", loss.hidden_reduction, HIDDEN_REDUCTIONS)
     _optim(config.train, "train.")
+    _integer("trace.examples", config.trace.examples, 0)
+    _integer("trace.probes", config.trace.probes, 1)
+    _integer("trace.every", config.trace.every, 1, optional=True)
     return config
 
 
@@ -298,6 +325,11 @@ def _optim(optim: OptimConfig, where: str) -> None:
     _number(f"{where}warmup_ratio", optim.warmup_ratio, 0.0, inclusive=True, below=1.0)
     _number(f"{where}grad_clip", optim.grad_clip, 0.0)
     _integer(f"{where}eval_every", optim.eval_every, 1, optional=True)
+    if optim.eval_steps is not None:
+        for step in optim.eval_steps:
+            _integer(f"{where}eval_steps", step, 1, rule="every item must be an optimiser step >= 1")
+        if list(optim.eval_steps) != sorted(set(optim.eval_steps)):
+            raise _out_of_range(f"{where}eval_steps", optim.eval_steps, "give distinct steps in increasing order, e.g. [32, 100, 320]")
     _integer(f"{where}log_every", optim.log_every, 1)
     _integer(f"{where}early_stop", optim.early_stop, 1, optional=True)
     _choice(f"{where}cache_dtype", optim.cache_dtype, CACHE_DTYPES)

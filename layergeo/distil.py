@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel, set_seed
@@ -26,6 +27,7 @@ from layergeo.models import Student
 from layergeo.processes import check_batch_size, distributed_state, make_accelerator, on_main
 from layergeo.runs import RunDir, atomic_dir
 from layergeo.strategies import StackMapping, build_mapping, copy_targets, rail_schedule
+from layergeo.trace import GeometryTrace, live_run
 from layergeo.teacher import (
     check_adapters, check_max_length, encode_splits, family_of, fine_tune_teacher, loaders, owns_teacher, teacher_model_config,
     teacher_run_dir,
@@ -130,7 +132,7 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     on_main(state, save_init)
     teacher.to(device).eval()
     student.to(device)
-    eval_loader, dev_loader = loaders(family, encoded, tokenizer, teacher, state.num_processes)
+    eval_loader, during = loaders(family, encoded, tokenizer, teacher, state.num_processes)
     cache = None
 
     def open_cache() -> None:
@@ -141,11 +143,12 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     if not state.is_main_process:
         open_cache()
     env["teacher_cache"] = cache.describe() if cache is not None else {"used": False}
-    if cache is not None and device.type == "cuda":
-        teacher.cpu()  # only its config is needed from here on
     _, match = _teacher_needs(mapping, config)
     unused_projections = len(student.projections) > 0 and not match  # kept for the geometry, never trained
     accelerator = make_accelerator(device, find_unused_parameters=unused_projections)
+    probe = geometry_trace(config, run, family, teacher, student, tokenizer, mapping, device, accelerator, env)
+    if cache is not None and device.type == "cuda":
+        teacher.cpu()  # only its config is needed from here on (the trace holds the teacher's probe states)
     if accelerator.distributed_type == DistributedType.FSDP and len(student.projections):
         raise LayergeoError("a narrower student's projections run outside the student's forward pass, which FSDP "
                             "does not allow; distil it with DDP (no FSDP config) or give it the teacher's width")
@@ -155,11 +158,11 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
 
     loss = config.loss
     loop = Loop(run=run, accelerator=accelerator, module=student, step_losses_for=step_losses_for,
-                save_best=lambda path: student.save(path, tokenizer), train_data=encoded["train"], dev_loader=dev_loader,
+                save_best=lambda path: student.save(path, tokenizer), train_data=encoded["train"], eval_loaders=during,
                 tokenizer=tokenizer, collate=family.collator(tokenizer, teacher),
                 evaluate=lambda m, loader: family.evaluate(m, loader, device, config, tokenizer, accelerator),
                 metric=family.metric, optim=student_optim(config), device=device,
-                seed=config.seed, mapper=mapping, env=env,
+                seed=config.seed, mapper=mapping, env=env, probe=probe,
                 term_weights={"ce": loss.alpha_ce, "kl": loss.alpha_kl, "hidden": loss.alpha_hidden})
     loop_state = fit(loop, resume)
 
@@ -176,6 +179,26 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     if len(depths) > 1:
         extra["stack_layers"] = {stack: {"teacher": lt, "student": ls} for stack, (lt, ls) in depths.items()}
     return finish_run(run, env, loop, loop_state, evaluate_best, extra)
+
+
+def geometry_trace(config: RunConfig, run: RunDir, family, teacher, student: Student, tokenizer, mapping: StackMapping,
+                   device: torch.device, accelerator: Accelerator, env: dict) -> GeometryTrace | None:
+    """The run's geometry trace (``config.trace``), on the main process; None when it is off, on the other
+    processes, or under FSDP (whose sharded student cannot run a forward pass on one process). env.json says which."""
+    if not config.trace.examples:
+        env["trace"] = {"used": False, "why": "trace.examples is 0"}
+        return None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        env["trace"] = {"used": False, "why": "FSDP shards the student; measure checkpoints with layergeo angles"}
+        return None
+    if not len(student.projections) and family.width(student.model.config) != family.width(teacher.config):
+        env["trace"] = {"used": False, "why": "a narrower student matched to nothing has no student->teacher projection"}
+        return None
+    env["trace"] = {"used": True, "examples": config.trace.examples, "probes": config.trace.probes, "every": config.trace.every}
+    if not accelerator.is_main_process:
+        return None
+    return GeometryTrace(run, live_run(run, config, family, teacher, student, tokenizer, mapping.name), config.trace, device,
+                         cost=env["trace"])  # env.json's trace.seconds: the trace's own time in this sitting
 
 
 def _teacher_needs(mapping: StackMapping, config: RunConfig) -> tuple[bool, bool]:

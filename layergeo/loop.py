@@ -52,7 +52,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -87,6 +87,14 @@ class LoopState:
     logged_periods: list[int] = field(default_factory=list)
 
 
+class Probe(Protocol):
+    """Something measured along training from the live model (the geometry trace)."""
+
+    def steps(self, total: int) -> set[int]: ...
+    def record(self, step: int, epoch: int = 0) -> None: ...
+    def forget_after(self, step: int) -> None: ...
+
+
 @dataclass
 class Loop:
     """Everything :func:`fit` needs; the two kinds of run differ only in these callables.
@@ -103,7 +111,7 @@ class Loop:
     step_losses_for: Callable[[nn.Module], StepLosses]
     save_best: Callable[[Path], None]
     train_data: object  # an encoded split
-    dev_loader: object  # batches of eval_batch_size(N); fit shards it over the processes
+    eval_loaders: dict  # "dev" (and "test", read with train.eval_test): batches of eval_batch_size(N); fit shards them
     tokenizer: object
     collate: Callable  # pads a list of items into a batch (the family's collator)
     evaluate: Callable[[nn.Module, object], dict]  # (model, prepared dev loader) -> metrics of every process
@@ -114,6 +122,8 @@ class Loop:
     mapper: StackMapping | None = None
     term_weights: dict[str, float] = field(default_factory=dict)  # loss term -> alpha, for term_grad_norms
     env: dict | None = None  # env.json of this sitting: its time is recorded with every resumable checkpoint
+    probe: Probe | None = None  # measured on the main process at step 0 and at probe.steps(total) (layergeo.trace)
+
 
 
 def _loader(loop: Loop, epoch: int):
@@ -141,6 +151,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     if total < 1:
         raise LayergeoError("the training budget is zero steps; raise train.epochs or train.max_steps")
     eval_every = optim.eval_every or steps_per_epoch
+    eval_steps = set(optim.eval_steps or ())
     settings = step_settings(loop.device)
     decay = [p for n, p in loop.module.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in loop.module.named_parameters() if p.requires_grad and p.ndim <= 1]
@@ -167,9 +178,15 @@ def fit(loop: Loop, resume: bool) -> LoopState:
             truncate_jsonl(loop.run.mapping_file, lambda r: r["step"] < state.step)
         acc.wait_for_everyone()
         state.logged_periods = [loop.mapper.period(r["epoch"], r["step"]) for r in read_jsonl(loop.run.mapping_file)] if loop.mapper else []
+    probe_at = loop.probe.steps(total) if loop.probe is not None and main else set()
+    if probe_at:
+        loop.probe.forget_after(state.step)
+        if state.step == 0:
+            loop.probe.record(0)
     model, optimizer, scheduler = acc.prepare(loop.module, optimizer, scheduler)
     step_losses = loop.step_losses_for(torch.compile(model) if optim.compile else model)
-    dev_loader = acc.prepare_data_loader(loop.dev_loader, device_placement=False)
+    splits = ["dev", "test"] if optim.eval_test else ["dev"]
+    eval_loaders = {split: acc.prepare_data_loader(loop.eval_loaders[split], device_placement=False) for split in splits}
     autocast = settings.autocast(loop.device)
     sums: dict[str, torch.Tensor] = {}
     window = 0
@@ -208,7 +225,9 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                 state.step += 1
                 state.step_in_epoch = i + 1
                 bar.update(1)
-                evaluate_now = state.step % eval_every == 0 or state.step == total
+                if state.step in probe_at:  # before this step's state can be saved: a resume measures it again
+                    loop.probe.record(state.step, state.epoch)
+                evaluate_now = state.step % eval_every == 0 or state.step in eval_steps or state.step == total
                 if log_now or evaluate_now:  # before anything is logged or saved from this state
                     _stop_unless_finite(finite, sums, state.step, window, acc)
                 if log_now:  # the one host synchronisation of the step, at log intervals only
@@ -221,9 +240,11 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **best)
                     sums, window = {}, 0
                 if evaluate_now:
-                    metrics = loop.evaluate(model, dev_loader)
+                    evaluated = {split: loop.evaluate(model, loader) for split, loader in eval_loaders.items()}
                     if main:
-                        append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "split": "dev", **metrics})
+                        for split, values in evaluated.items():
+                            append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "split": split, **values})
+                    metrics = evaluated["dev"]
                     if metrics[loop.metric] > state.best_metric:
                         state.best_metric, state.best_step, state.evals_since_best = metrics[loop.metric], state.step, 0
                         if main:
@@ -246,6 +267,8 @@ def fit(loop: Loop, resume: bool) -> LoopState:
         finally:
             loader.end()  # unregister it from accelerate's state even when we leave it early
     bar.close()
+    if probe_at and state.step not in probe_at:  # an early stop: the last state is measured too
+        loop.probe.record(state.step, state.epoch)
     return state
 
 

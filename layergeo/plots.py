@@ -10,6 +10,7 @@ Blue always means acute (high fraction of acute angles, small angle, positive co
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import tempfile
@@ -651,6 +652,186 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
             sns.despine(ax=ax)
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
     fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
+    return fig
+
+
+@_themed
+def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
+    """Paired difference to None against training steps: one panel per (task, init), one line per strategy,
+    bars = the Holm-corrected paired t interval of each budget's table; filled markers where the interval
+    excludes 0, open ones where it does not, none where there is no interval (too few seeds).
+
+    diffs: budget, task, init, strategy, mean_diff, ci_low, ci_high, answer (``verdict.claims_by_budget``).
+    """
+    _require(diffs, ["budget", "task", "init", "strategy", "mean_diff", "ci_low", "ci_high", "answer"], "budget differences")
+    groups = [key for key, _ in diffs.groupby(["task", "init"])]
+    tasks = sorted({task for task, _ in groups})
+    inits = _ordered({init for _, init in groups}, INIT_LABELS)
+    strategies = sort_strategies(diffs["strategy"].unique())
+    colors = _colors(strategies, STRATEGY_PALETTE)
+    fig, axes = plt.subplots(len(tasks), len(inits), figsize=(4.6 * len(inits) + 2.2, 3.4 * len(tasks) + 0.5),
+                             squeeze=False, layout="constrained")
+    offsets = dict(zip(strategies, 1.06 ** (np.arange(len(strategies)) - (len(strategies) - 1) / 2)))  # dodge on a log axis
+    for (r, task), (c, init) in itertools.product(enumerate(tasks), enumerate(inits)):
+        ax = axes[r, c]
+        cell = diffs[(diffs.task == task) & (diffs.init == init)]
+        if cell.empty:
+            ax.set_axis_off()
+            continue
+        for strategy in strategies:
+            line = cell[cell.strategy == strategy].sort_values("budget")
+            if line.empty:
+                continue
+            x = line.budget.to_numpy(float) * offsets[strategy]
+            ax.plot(x, line.mean_diff, color=colors[strategy], lw=1.2)
+            for xi, (_, d) in zip(x, line.iterrows()):
+                bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if np.isfinite(d.ci_low) else None
+                called = d.answer in ("better", "worse")
+                ax.errorbar(xi, d.mean_diff, yerr=bar, fmt="o", ms=5, color=colors[strategy], capsize=2, lw=1,
+                            mfc=colors[strategy] if called else "white")
+        ax.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
+        ax.set_xscale("log")
+        budgets = sorted(cell.budget.unique())
+        ax.set_xticks(budgets, [str(int(b)) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("Training step (budget)")
+        ax.set_ylabel("Difference to None (points)")
+        ax.set_title(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", loc="left")
+        sns.despine(ax=ax)
+    handles = [Line2D([], [], ls="-", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
+    handles += [Line2D([], [], ls="", marker="o", ms=5, color="0.3", label="interval excludes 0"),
+                Line2D([], [], ls="", marker="o", ms=5, color="0.3", mfc="white", label="not distinguishable")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
+    fig.suptitle(f"{metric.replace('_', ' ').capitalize()}, difference to None (same seed) along training; "
+                 "bars: Holm-corrected paired t intervals per budget", fontsize="medium")
+    return fig
+
+
+def _lines_per_stack(frame: pd.DataFrame, series: list[tuple[plt.Axes, str, str, str, str]]) -> None:
+    """One line over ``step`` per stack (its own line style) and series (axes, column, colour, marker, label)."""
+    stacks = list(dict.fromkeys(frame["stack"]))
+    for stack, style in zip(stacks, ["-", "--", ":"]):
+        rows = frame[frame["stack"] == stack].sort_values("step")
+        suffix = f" ({stack})" if len(stacks) > 1 else ""
+        for ax, column, color, marker, label in series:
+            ax.plot(rows.step, rows[column], style, color=color, marker=marker, ms=3, label=label + suffix)
+
+
+@_themed
+def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | None, layers: pd.DataFrame,
+                 terms: pd.DataFrame, title: str) -> Figure:
+    """The ``layergeo explain`` page: (a) acute fraction and Thales ratio over training, (b) distance to the
+    matched and to the other teacher layers, (c) one token in the plane of a teacher pair with the Thales
+    circle, and with gradient traces (d) the layer-alignment matrices at start, middle and end and (e) each
+    pull's cosine with the task gradient over training.
+
+    geometry: stack, step, frac_acute, thales_ratio; distances: stack, step, matched, unmatched; plane: see
+    ``explain.token_plane``; layers: step, stack, student_layer, teacher_i, teacher_k, cosine; terms: step, term,
+    cosine_with_ce (both may be empty).
+    """
+    gradients = not layers.empty
+    fig = plt.figure(figsize=(15, 9.6 if gradients else 4.6), layout="constrained")
+    grid = fig.add_gridspec(2 if gradients else 1, 3)
+    stacks = list(dict.fromkeys(geometry["stack"]))
+    ax = fig.add_subplot(grid[0, 0])
+    twin = ax.twinx()
+    _lines_per_stack(geometry, [(ax, "frac_acute", _COLORBLIND[0], "o", "acute fraction"),
+                                (twin, "thales_ratio", _COLORBLIND[3], "s", "Thales ratio")])
+    ax.set_xlabel("Training step")
+    ax.set_ylabel("Fraction of acute angles", color=_COLORBLIND[0])
+    twin.set_ylabel("Mean Thales ratio (> 1: acute)", color=_COLORBLIND[3])
+    ax.set_title("(a) Angles at the student, layers ≥ 1", loc="left")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=lines, frameon=False, fontsize="small", loc="best")
+    ax = fig.add_subplot(grid[0, 1])
+    _lines_per_stack(distances, [(ax, "matched", _COLORBLIND[2], "o", "to the matched layer"),
+                                 (ax, "unmatched", _COLORBLIND[7], "o", "to the other layers")])
+    ax.set_xlabel("Training step")
+    ax.set_ylabel("Mean distance |W S_j − T_i|")
+    ax.set_title("(b) Distance to teacher layers", loc="left")
+    ax.legend(frameon=False, fontsize="small")
+    sns.despine(ax=ax)
+    ax = fig.add_subplot(grid[0, 2])
+    if plane is not None:
+        i, k = plane["pair"]
+        t, s = plane["teacher"], plane["student"]
+        ax.add_patch(plt.Circle(plane["centre"], plane["radius"], fill=True, alpha=0.12, color=_COLORBLIND[3],
+                                label=f"Thales ball of T{i}, T{k} (inside: obtuse)"))
+        ax.plot(t[:, 0], t[:, 1], color="0.6", lw=0.8, zorder=1)
+        ax.scatter(t[:, 0], t[:, 1], color="0.3", s=18, zorder=2, label="teacher states T0…")
+        for n, (x, y) in enumerate(t):
+            ax.annotate(f"T{n}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.plot(s[:, 0], s[:, 1], color=_COLORBLIND[0], lw=1.2, marker="o", ms=3, zorder=3, label="student state, over training")
+        ax.scatter(*s[-1], color=_COLORBLIND[0], s=40, marker="*", zorder=4)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xlabel(f"along T{k} − T{i}")
+        ax.set_ylabel("orthogonal, toward the last student state")
+        ax.legend(frameon=False, fontsize="small", loc="best")
+        ax.set_title("(c) One token, in the plane of a teacher pair", loc="left")
+    else:
+        ax.set_axis_off()
+    if gradients:
+        stack = stacks[0]
+        j = int(layers[layers["stack"] == stack].student_layer.max())
+        steps = sorted(layers.step.unique())
+        chosen = list(dict.fromkeys([steps[0], steps[len(steps) // 2], steps[-1]]))
+        inner = grid[1, :2].subgridspec(1, len(chosen))
+        for n, step in enumerate(chosen):
+            cell = layers[(layers["stack"] == stack) & (layers.student_layer == j) & (layers.step == step)]
+            size = int(cell.teacher_k.max()) + 1
+            matrix = np.full((size, size), np.nan)
+            for r in cell.itertuples():
+                matrix[r.teacher_i, r.teacher_k] = matrix[r.teacher_k, r.teacher_i] = r.cosine
+            np.fill_diagonal(matrix, 1.0)
+            ax = fig.add_subplot(inner[0, n])
+            mesh = ax.imshow(matrix, cmap="RdBu", vmin=-1, vmax=1)
+            ax.set_xticks(range(size), [f"T{x}" for x in range(size)], fontsize=7)
+            ax.set_yticks(range(size), [f"T{x}" for x in range(size)], fontsize=7)
+            ax.set_title(f"(d) S{j}, step {step}" if n == 0 else f"step {step}", loc="left")
+        fig.colorbar(mesh, ax=ax, label="cos(∇ pull to T_i, ∇ pull to T_k)", shrink=0.8)
+        ax = fig.add_subplot(grid[1, 2])
+        names = list(dict.fromkeys(terms.term))
+        colors = _colors([n for n in names if n != "kl"], STRATEGY_PALETTE)
+        for name in names:
+            line = terms[terms.term == name].sort_values("step")
+            ax.plot(line.step, line.cosine_with_ce, marker="o", ms=3, color=colors.get(name, "0.2"),
+                    ls="--" if name == "kl" else "-", label="KL term" if name == "kl" else strategy_label(name))
+        ax.axhline(0, color="0.5", lw=1, ls=":")
+        ax.set_xlabel("Training step")
+        ax.set_ylabel("cos(pull gradient, CE gradient)")
+        ax.set_title("(e) Each pull against the task", loc="left")
+        ax.legend(frameon=False, fontsize="small")
+        sns.despine(ax=ax)
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+@_themed
+def trace_comparison(table: pd.DataFrame) -> Figure:
+    """Traces of several runs, one line per strategy (mean over seeds), one line style per init: acute fraction,
+    Thales ratio, distance to the matched teacher layer and (when traced) the own pull's cosine with the CE gradient.
+
+    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce.
+    """
+    panels = [("frac_acute", "Fraction of acute angles"), ("thales_ratio", "Mean Thales ratio"),
+              ("matched", "Distance to the matched layer"), ("own_pull_vs_ce", "cos(own pull, CE gradient)")]
+    panels = [(c, label) for c, label in panels if table[c].notna().any()]
+    strategies = sort_strategies(table.strategy.unique())
+    colors = _colors(strategies, STRATEGY_PALETTE)
+    inits = _ordered(table.init.unique(), INIT_LABELS)
+    styles = dict(zip(inits, ["-", "--", ":"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.2, 3.6), squeeze=False, layout="constrained")
+    for ax, (column, label) in zip(axes[0], panels):
+        for (strategy, init), group in table.groupby(["strategy", "init"]):
+            line = group.groupby("step")[column].mean()
+            ax.plot(line.index, line.values, styles[init], color=colors[strategy], marker="o", ms=2.5)
+        ax.set_xlabel("Training step")
+        ax.set_ylabel(label)
+        sns.despine(ax=ax)
+    handles = [Line2D([], [], color=colors[s], label=strategy_label(s)) for s in strategies]
+    handles += [Line2D([], [], color="0.3", ls=styles[i], label=INIT_LABELS.get(i, i)) for i in inits]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    fig.suptitle("Geometry along training (probe set; mean over seeds)", fontsize="medium")
     return fig
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from layergeo.budgets import collect_budget_results
 from layergeo.errors import LayergeoError
 from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label, task_label
 from layergeo.runs import read_json, read_jsonl, write_text
@@ -64,15 +65,19 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
             **{column: config[section].get(key) for column, (section, key) in (config_keys or {}).items()},
         }
         for split in ("dev", "test"):
-            for metric in (*PERCENT, *SCORES):
-                if metric in results[split]:
-                    row[f"{split}_{metric}"] = (100 if metric in PERCENT else 1) * results[split][metric]
-            if "predicted_classes" in results[split]:
-                row[f"{split}_predicted_classes"] = results[split]["predicted_classes"]
+            row |= metric_columns(split, results[split])
         rows.append(row)
     if not rows:
         raise LayergeoError(f"no finished student runs under {root}; run a sweep first (layergeo sweep GRID.yaml)")
     return pd.DataFrame(rows)
+
+
+def metric_columns(split: str, metrics: dict) -> dict:
+    """A split's metrics as report columns: ``{split}_{metric}``, fractions in %, with the number of predicted classes."""
+    columns = {f"{split}_{m}": (100 if m in PERCENT else 1) * metrics[m] for m in (*PERCENT, *SCORES) if m in metrics}
+    if "predicted_classes" in metrics:
+        columns[f"{split}_predicted_classes"] = metrics["predicted_classes"]
+    return columns
 
 
 def trained_pairs(run: Path) -> str:
@@ -289,6 +294,9 @@ def write_report(root: str | Path, out: Path | None = None, paper: bool = False)
     out = out or Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "provenance.json", json.dumps(provenance(root), indent=2) + "\n")
+    budgets = collect_budget_results(root, results)
+    if not budgets.empty:  # runs that evaluated test along training (train.eval_test): results at each budget
+        _write_table(budgets, out / "results_by_budget")
     return write_tables(results, out, Path(root).name, paper)
 
 

@@ -55,6 +55,12 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, default=str, allow_nan=False) + "\n")
 
 
+def append_jsonl_rows(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append many records at once (one write of whole lines)."""
+    with path.open("a") as handle:
+        handle.write("".join(json.dumps(r, default=str, allow_nan=False) + "\n" for r in records))
+
+
 def read_json(path: Path) -> Any:
     """A JSON file of a run, or one line saying that it is damaged."""
     try:

@@ -23,6 +23,16 @@ matching strategies, but not for ``none``)::
       - {matching.strategy: [none], seed: [0, 1]}
       - {matching.strategy: [forward], loss.normalize: [none, l2], seed: [0, 1]}
 
+A block may also ``set`` student settings of its own runs, which are not an axis and not in the
+run names (e.g. a budget per dataset)::
+
+    grid:
+      - {data.task: [rotten_tomatoes], seed: [0, 1], set: {train: {epochs: 3}}}
+      - {data.task: [bbc_news], seed: [0, 1], set: {train: {epochs: 15}}}
+
+Teachers take ``base`` only (one teacher per task serves every block), so ``set`` cannot name
+``teacher`` settings.
+
 One teacher is fine-tuned per task (and teacher model) under ``<sweep>/teachers/`` and
 shared by all its students. A finished run (``results.json``) is skipped; an
 interrupted one is resumed, so a killed sweep loses at most the run in progress. ``only``
@@ -62,6 +72,10 @@ class Grid:
     base: dict[str, Any]
     blocks: list[dict[str, list[Any]]]  # each block: config key -> values; the grid is the union of their products
     geometry: dict[str, Any] = field(default_factory=dict)
+    settings: list[dict[str, Any]] = field(default_factory=list)  # per block: its `set` (config sections), or {}
+
+    def __post_init__(self) -> None:
+        self.settings = self.settings or [{} for _ in self.blocks]
 
 
 @dataclass
@@ -95,6 +109,9 @@ def load_grid(path: str | Path) -> Grid:
         raise LayergeoError(f"unknown grid key {unknown[0]!r} in {path}; valid keys: {', '.join(sorted(GRID_KEYS))}")
     blocks = raw.get("grid") or {}
     blocks = [blocks] if isinstance(blocks, dict) else blocks  # a mapping (empty: one run), or a list of non-empty ones
+    settings = [_block_settings(block, path) for block in blocks] if isinstance(blocks, list) else []
+    blocks = [{k: v for k, v in block.items() if k != "set"} if isinstance(block, dict) else block for block in blocks] \
+        if isinstance(blocks, list) else blocks
     if not isinstance(blocks, list) or not blocks or any(
         not isinstance(block, dict) or (len(blocks) > 1 and not block)
         or any(not isinstance(v, list) or not v for v in block.values()) for block in blocks
@@ -104,7 +121,20 @@ def load_grid(path: str | Path) -> Grid:
     preset = raw.get("preset")
     if preset is not None and preset not in preset_names():
         raise LayergeoError(f"unknown preset {preset!r} in {path}; choose one of {', '.join(preset_names())}")
-    return Grid(str(raw.get("name") or path.stem), preset, raw.get("base") or {}, blocks, raw.get("geometry") or {})
+    return Grid(str(raw.get("name") or path.stem), preset, raw.get("base") or {}, blocks, raw.get("geometry") or {}, settings)
+
+
+def _block_settings(block: Any, path: Path) -> dict[str, Any]:
+    """A block's ``set``: config sections for its runs only (not an axis, not in run names); {} without one."""
+    if not isinstance(block, dict) or "set" not in block:
+        return {}
+    settings = block["set"]
+    if not isinstance(settings, dict) or not settings:
+        raise LayergeoError(f"'set' in a block of {path} must be a mapping of config sections, e.g. set: {{train: {{epochs: 3}}}}")
+    if "teacher" in settings:
+        raise LayergeoError(f"'set' in a block of {path} names teacher settings, but one teacher per task serves every "
+                            "block; put teacher settings in 'base'")
+    return settings
 
 
 def restrict(grid: Grid, only: dict[str, list[Any]]) -> Grid:
@@ -113,7 +143,7 @@ def restrict(grid: Grid, only: dict[str, list[Any]]) -> Grid:
     A block of the grid that does not cross a restricted axis is left out (its runs have no value on it).
     """
     axes = list(dict.fromkeys(key for block in grid.blocks for key in block))
-    blocks = [dict(block) for block in grid.blocks]
+    blocks = [(dict(block), settings) for block, settings in zip(grid.blocks, grid.settings)]
     for key, wanted in only.items():
         if key not in axes:
             raise LayergeoError(f"--only {key}: not an axis of grid {grid.name!r}; its axes are {', '.join(axes)}")
@@ -122,12 +152,12 @@ def restrict(grid: Grid, only: dict[str, list[Any]]) -> Grid:
         if missing:
             raise LayergeoError(f"--only {key}={missing[0]}: not a value of that axis; "
                                 f"its values are {', '.join(map(str, dict.fromkeys(known)))}")
-        blocks = [{k: [v for v in vs if v in wanted] if k == key else vs for k, vs in block.items()}
-                  for block in blocks if key in block]
-    blocks = [block for block in blocks if all(block.values())]
+        blocks = [({k: [v for v in vs if v in wanted] if k == key else vs for k, vs in block.items()}, settings)
+                  for block, settings in blocks if key in block]
+    blocks = [(block, settings) for block, settings in blocks if all(block.values())]
     if not blocks:
         raise LayergeoError(f"--only leaves no run of grid {grid.name!r}: no block has all those values together")
-    return Grid(grid.name, grid.preset, grid.base, blocks, grid.geometry)
+    return Grid(grid.name, grid.preset, grid.base, [b for b, _ in blocks], grid.geometry, [s for _, s in blocks])
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -155,10 +185,11 @@ def plan(grid: Grid, root: Path) -> tuple[dict[str, RunConfig], list[PlannedRun]
     base = _flatten(grid.base)
     teachers: dict[str, RunConfig] = {}
     runs = []
-    points = [dict(zip(block, values)) for block in grid.blocks for values in itertools.product(*block.values())]
-    for point in points:
-        overrides = base + [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                            for k, v in point.items()]
+    points = [(dict(zip(block, values)), settings) for block, settings in zip(grid.blocks, grid.settings)
+              for values in itertools.product(*block.values())]
+    for point, settings in points:
+        overrides = base + _flatten(settings) + [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in point.items()]
         config = load_config(preset=grid.preset, overrides=overrides)
         if config.teacher.dir is None:
             key = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{Path(config.data.task).stem}-{config.teacher.model}")

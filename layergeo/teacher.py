@@ -91,13 +91,14 @@ def validate_teacher_config(config: RunConfig):
     return family.load_task(config)
 
 
-def loaders(family: Family, encoded: dict, tokenizer, model, processes: int) -> tuple[dict, object]:
-    """Final dev/test loaders (one process) and the dev loader of training (sharded over ``processes``)."""
+def loaders(family: Family, encoded: dict, tokenizer, model, processes: int) -> tuple[dict, dict]:
+    """Final dev/test loaders (one process) and the dev/test loaders of training (sharded over ``processes``)."""
     collate = family.collator(tokenizer, model)
     final = {s: data.make_loader(encoded[s], tokenizer, EVAL_BATCH_SIZE, shuffle=False, seed=0, collate_fn=collate)
              for s in ("dev", "test")}
-    dev = data.make_loader(encoded["dev"], tokenizer, eval_batch_size(processes), shuffle=False, seed=0, collate_fn=collate)
-    return final, dev
+    during = {s: data.make_loader(encoded[s], tokenizer, eval_batch_size(processes), shuffle=False, seed=0, collate_fn=collate)
+              for s in ("dev", "test")}
+    return final, during
 
 
 def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dict:
@@ -113,7 +114,7 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
     env = start_env(run, config, "teacher", device, resume, state)
     model.to(device)
     encoded = encode_splits(config, family, task, tokenizer, model.config)
-    eval_loader, dev_loader = loaders(family, encoded, tokenizer, model, state.num_processes)
+    eval_loader, during = loaders(family, encoded, tokenizer, model, state.num_processes)
     accelerator = make_accelerator(device)
 
     def step_losses_for(module: nn.Module) -> StepLosses:
@@ -127,7 +128,7 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
         tokenizer.save_pretrained(path)
 
     loop = Loop(run=run, accelerator=accelerator, module=model, step_losses_for=step_losses_for,
-                save_best=save_best, train_data=encoded["train"], dev_loader=dev_loader, tokenizer=tokenizer,
+                save_best=save_best, train_data=encoded["train"], eval_loaders=during, tokenizer=tokenizer,
                 collate=family.collator(tokenizer, model),
                 evaluate=lambda m, loader: family.evaluate(m, loader, device, config, tokenizer, accelerator),
                 metric=family.metric, optim=config.teacher.train, device=device, seed=config.seed, env=env)

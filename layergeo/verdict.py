@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from layergeo import plots
+from layergeo.budgets import collect_budget_results
 from layergeo.errors import LayergeoError
 from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, summary_stats
 from layergeo.runs import write_text
@@ -42,6 +43,9 @@ from layergeo.stats import ALPHA, MIN_SEEDS, blocked_spread_test
 GROUP = ["task", "init"]
 INTRO = ("A seed is a block (runs sharing it share the training subset, data order and draws), so every comparison is "
          "within seeds. A difference is called better or worse only when its Holm-corrected interval excludes 0.\n")
+BUDGET_INTRO = ("At budget B each run's result is its evaluation with the best dev metric among those at steps <= B, read "
+                "on test at that step (one run gives every budget; its learning-rate schedule spans the whole run). Holm "
+                "corrects over the comparisons of each budget's table. Tables: claim_a_by_budget.csv, claim_b_by_budget.csv.\n")
 CLAIM_B_TESTS = ["n_seeds", "spread_ci_low", "spread_ci_high", "null_spread_mean", "p_permutation", "permutations",
                  "friedman_chi2", "friedman_p"]
 
@@ -98,6 +102,43 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
         raise LayergeoError("no run of the acute-angle table matches a finished matching student; "
                             "were they made from the same sweep?")
     return pd.DataFrame(rows)
+
+
+def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Claims (a) and (b) at each training budget (``layergeo.budgets``): one table per budget, so Holm corrects
+    over that budget's comparisons (every task, init and strategy that reached it); a budget column in front."""
+    a, b = [], []
+    for budget, table in budgets.dropna(subset=[metric]).groupby("budget"):
+        if (table.strategy == "none").any():
+            a.append(beats_none(table, metric).assign(budget=int(budget)))
+        b.append(spread_vs_noise(table, metric).assign(budget=int(budget)))
+    if not a:
+        raise LayergeoError(f"no budget has a run of strategy 'none' with {metric}; the budget verdict needs them")
+    first = lambda frame: frame[["budget"] + [c for c in frame.columns if c != "budget"]]
+    return first(pd.concat(a, ignore_index=True)), first(pd.concat(b, ignore_index=True))
+
+
+def budget_sentences(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> list[str]:
+    """Per budget, one line per task and init: claims (a) and (b) at that budget, every number from the tables."""
+    lines = []
+    for budget, diffs_at in a.groupby("budget"):
+        family = int(diffs_at.n_seeds.ge(MIN_SEEDS).sum())
+        for (task, init), diffs in diffs_at.groupby(GROUP):
+            text = f"**Step {budget}, {_name(task, init)}** ({metric.replace('_', ' ')}). " + _claim_a(diffs, family)
+            spreads = b[(b.budget == budget) & (b.task == task) & (b.init == init)]
+            if not spreads.empty:
+                text += _claim_b(spreads.iloc[0])
+            lines.append(text)
+    return lines
+
+
+def write_budget_verdict(budgets: pd.DataFrame, out: Path, metric: str) -> list[str]:
+    """Write claim_a/b_by_budget.csv and budget_differences.png/.pdf under ``out``; return the verdict's lines."""
+    a, b = claims_by_budget(budgets, metric)
+    write_text(out / "claim_a_by_budget.csv", a.to_csv(index=False))
+    write_text(out / "claim_b_by_budget.csv", b.to_csv(index=False))
+    plots.save_figure(plots.budget_differences(a, metric), out / "budget_differences")
+    return budget_sentences(a, b, metric)
 
 
 def _name(task: str, init: str) -> str:
@@ -214,8 +255,10 @@ def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.Dat
     return lines
 
 
-def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric: str = "test_accuracy") -> Path:
-    """Write claim_a/b/c (CSV, Markdown), verdict.md and verdict.png/.pdf under ``out``."""
+def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric: str = "test_accuracy",
+                  budgets: pd.DataFrame | None = None) -> Path:
+    """Write claim_a/b/c (CSV, Markdown), verdict.md and verdict.png/.pdf under ``out``; with ``budgets`` (the
+    report's results_by_budget) also the claims at each training budget and their figure."""
     if metric not in results:
         raise LayergeoError(f"no column {metric!r} in the results; choose one of "
                             f"{', '.join(c for c in results.columns if c.startswith(('dev_', 'test_')))}")
@@ -232,6 +275,9 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
               "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
               "(c) Fraction of acute angles and Thales ratio at the student; Spearman of each trained value with the metric"]
     text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", INTRO, "\n\n".join(sentences(results, a, b, c, metric)), ""]
+    if budgets is not None and not budgets.empty:
+        text += ["## At each training budget\n", BUDGET_INTRO, "\n\n".join(write_budget_verdict(budgets, out, metric)), "",
+                 "![Paired differences to None against training steps](budget_differences.png)", ""]
     for title, table in zip(titles, claims.values()):
         text += [f"## {title}\n", display(table, blank=True).to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
     write_text(out / "verdict.md", "\n".join(text) + "\n")
@@ -247,7 +293,9 @@ def verdict_from_sweep(root: Path, out: Path | None = None, metric: str = "test_
     acute_file = Path(root) / "figures" / "acute_summary.csv"
     if not acute_file.is_file():
         raise LayergeoError(f"{acute_file} is missing; run `layergeo figures {root}` first")
-    return write_verdict(collect_results(root), read_table(acute_file), out or Path(root) / "verdict", metric)
+    results = collect_results(root)
+    return write_verdict(results, read_table(acute_file), out or Path(root) / "verdict", metric,
+                         collect_budget_results(root, results))
 
 
 def read_table(path: Path, flag: str = "") -> pd.DataFrame:

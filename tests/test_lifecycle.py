@@ -133,6 +133,7 @@ def test_a_narrow_student_matched_to_nothing_finishes(whole, tmp_path):
     assert main(["train", "--preset", "tiny", "--set", f"teacher.dir={whole / 'teacher'}", "--set", "student.init=random",
                  "--set", "student.hidden_size=32", "--set", "matching.strategy=none", "--out", str(out)]) == 0
     assert RunDir(out).finished
+    assert "no student->teacher projection" in json.loads((out / "env.json").read_text())["trace"]["why"]
 
 
 def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(whole, tmp_path, capsys):

@@ -139,6 +139,7 @@ def test_sweep_through_submitit_local_executor(tmp_path):
 
 def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
     from layergeo.errors import LayergeoError
+    from layergeo.errors import LayergeoError
     from layergeo.sweep import load_grid, plan, restrict
 
     grid = tmp_path / "blocks.yaml"
@@ -232,3 +233,24 @@ def test_reproduce_runs_the_recipe_then_report_and_figures_and_times_it(tmp_path
 def test_every_shipped_recipe_is_a_valid_grid(recipe, tmp_path, capsys):
     assert main(["sweep", str(recipe), "--out", str(tmp_path), "--dry-run"]) == 0
     assert re.search(r"(\d+) runs, 0 finished", capsys.readouterr().out)
+
+
+def test_a_block_sets_settings_of_its_own_runs_without_naming_them(tmp_path):
+    from layergeo.errors import LayergeoError
+    from layergeo.sweep import load_grid, plan, restrict
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\npreset: tiny\nbase: {train: {epochs: 1}}\ngrid:\n"
+                    "  - {data.task: [rotten_tomatoes], seed: [0, 1], set: {train: {epochs: 3}}}\n"
+                    "  - {data.task: [bbc_news], seed: [0], set: {train: {epochs: 5, lr: 3.0e-4}}}\n")
+    teachers, runs = plan(load_grid(grid), tmp_path / "out")
+    assert [r.name for r in runs] == ["rotten_tomatoes_seed0", "rotten_tomatoes_seed1", "bbc_news_seed0"]
+    assert [(r.config.train.epochs, r.config.train.lr) for r in runs] == [(3, 1e-3), (3, 1e-3), (5, 3e-4)]  # the preset lr, or the set one
+    assert {config.teacher.train.epochs for config in teachers.values()} == {1}  # the preset's, not a block's
+    _, sliced = plan(restrict(load_grid(grid), {"data.task": ["bbc_news"]}), tmp_path / "out")
+    assert [(r.name, r.config.train.epochs) for r in sliced] == [("bbc_news_seed0", 5)]
+    for text, message in (("set: {teacher: {train: {epochs: 2}}}", "teacher settings"), ("set: 3", "mapping of config"),
+                          ("set: {train: {epochz: 2}}", "epochz")):
+        grid.write_text(f"name: g\npreset: tiny\ngrid:\n  - {{seed: [0], {text}}}\n")
+        with pytest.raises(LayergeoError, match=message):
+            plan(load_grid(grid), tmp_path / "out")

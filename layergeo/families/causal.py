@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from layergeo import completions, smollm2
 from layergeo.adapters import add_lora
 from layergeo.completions import IGNORE
+from layergeo.config import data_seed
 from layergeo.errors import LayergeoError
 from layergeo.families.base import Family, register_family, unwrap
 from layergeo.losses import kl_to_teacher
@@ -91,7 +92,7 @@ class CausalFamily(Family):
     def load_task(self, config):
         cap = config.data.max_eval
         return completions.load_completion_task(config.data.task, {"train": config.data.max_train, "dev": cap, "test": cap},
-                                                config.seed)
+                                                data_seed(config))
 
     def encode(self, config, task, split, tokenizer, model_config):
         return completions.encode_completions(task.splits[split], task, tokenizer, config.data.max_length,

@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score
 from transformers import DataCollatorWithPadding
 
 from layergeo import data
+from layergeo.config import data_seed
 from layergeo.errors import LayergeoError
 from layergeo.families.base import Family, register_family, unwrap
 from layergeo.losses import kl_to_teacher
@@ -37,7 +38,7 @@ class EncoderFamily(Family):
     def load_task(self, config):
         cap = config.data.max_eval
         return data.load_task(config.data.task, max_examples={"train": config.data.max_train, "dev": cap, "test": cap},
-                              seed=config.seed)
+                              seed=data_seed(config))
 
     def task_check(self, task, model_config, where: Path) -> None:
         labels = getattr(model_config, "num_labels", None)

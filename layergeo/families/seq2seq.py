@@ -33,6 +33,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from layergeo import pairs
+from layergeo.config import data_seed
 from layergeo.errors import LayergeoError
 from layergeo.families.base import Family, register_family, unwrap
 from layergeo.losses import kl_to_teacher
@@ -87,7 +88,7 @@ class Seq2SeqFamily(Family):
 
     def load_task(self, config):
         cap = config.data.max_eval
-        return pairs.load_pair_task(config.data.task, {"train": config.data.max_train, "dev": cap, "test": cap}, config.seed)
+        return pairs.load_pair_task(config.data.task, {"train": config.data.max_train, "dev": cap, "test": cap}, data_seed(config))
 
     def encode(self, config, task, split, tokenizer, model_config):
         start = model_config.decoder_start_token_id if model_config.model_type == "encoder-decoder" else None

@@ -1,0 +1,198 @@
+"""``layergeo explain``: one page that shows, from a run's geometry trace, why its matching did what it did.
+
+Everything comes from the trace written during training (``layergeo.trace``): no checkpoint is loaded.
+Panels: (a) the acute fraction and Thales ratio over training (student layers >= 1, teacher pairs among
+layers >= 1); (b) the distance from each student state to its matched teacher layer and to the others;
+(c) one probe token in the plane through two teacher states, with the student's trajectory and the
+Thales ball of that pair (inside the ball the angle is obtuse); with ``trace.gradients``, (d) the
+parameter-space alignment of pulls toward two teacher layers at start, middle and end and (e) each
+strategy's hidden-loss gradient and the KL gradient against the task's (CE) gradient. A Markdown summary
+states the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from layergeo import plots
+from layergeo.analyse import acute_fraction, expand_runs, mean_thales_ratio, pooled_settings
+from layergeo.errors import LayergeoError
+from layergeo.report import PERCENT
+from layergeo.runs import RunDir, read_jsonl, write_text
+from layergeo.strategies import forward_targets
+from layergeo.trace import TOKEN, alignment_tables, trace_tables
+
+
+def deep_geometry(angles: pd.DataFrame) -> pd.DataFrame:
+    """Per stack and step: the token-weighted acute fraction and mean Thales ratio over student layers >= 1
+    and teacher pairs among layers >= 1 (the authors' selection)."""
+    deep = angles[(angles.student_layer >= 1) & (angles.teacher_i >= 1)]
+    rows = [{"stack": stack, "step": step, "frac_acute": acute_fraction(group), "thales_ratio": mean_thales_ratio(group)}
+            for (stack, step), group in deep.groupby(["stack", "step"])]
+    return pd.DataFrame(rows)
+
+
+def matched_at(run: RunDir, stacks: list[str]) -> dict[str, list[tuple[int, dict[int, int]]]]:
+    """Per stack, the mappings the run trained: [(first step, {student layer >= 1: teacher layer})] (a one-stack
+    run logs a plain list of pairs: it is ``stacks[0]``'s)."""
+    out: dict[str, list] = {}
+    for record in run.mappings():
+        pairs = record["pairs"] if isinstance(record["pairs"], dict) else {stacks[0]: record["pairs"]}
+        for stack, stack_pairs in pairs.items():
+            out.setdefault(stack, []).append((record["step"], {s: t for s, t in stack_pairs if s >= 1}))
+    return out
+
+
+def matched_distances(distances: pd.DataFrame, mappings: dict[str, list], depths: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """Per stack and step: mean over student layers >= 1 of the distance to the matched teacher layer, and of the
+    mean distance to the other teacher layers >= 1. The state after ``step`` updates was trained by the mappings
+    logged before it; a run that matched nothing is measured against the forward targets (where forward would pull)."""
+    rows = []
+    for (stack, step), group in distances.groupby(["stack", "step"]):
+        current = [pairs for first, pairs in mappings.get(stack, []) if first <= max(step - 1, 0)]
+        pairs = current[-1] if current and current[-1] else _forward(*depths[stack])
+        table = group.set_index(["student_layer", "teacher_layer"]).distance
+        matched = [table[(j, t)] for j, t in pairs.items() if (j, t) in table]
+        others = [table[(j, i)] for j, t in pairs.items() for i in range(1, depths[stack][0] + 1) if i != t and (j, i) in table]
+        rows.append({"stack": stack, "step": step, "matched": float(np.mean(matched)), "unmatched": float(np.mean(others))})
+    return pd.DataFrame(rows)
+
+
+def _forward(teacher_layers: int, student_layers: int) -> dict[int, int]:
+    return {j + 1: t for j, t in enumerate(forward_targets(teacher_layers, student_layers))}
+
+
+def token_plane(token: pd.DataFrame, stack: str, layer: int, pair: tuple[int, int]) -> dict:
+    """One token in the plane through teacher states T_i, T_k and the student's last state W S_j.
+
+    Returns the 2-D coordinates (origin T_i, x along T_k - T_i) of every teacher state, of the student's
+    trajectory and the Thales circle of the pair (centre, radius): the ball's cross-section in this plane.
+    Points off the plane are drawn by their orthogonal projection onto it.
+    """
+    teacher = token[(token["stack"] == stack) & (token.who == "teacher")].sort_values("layer")
+    student = token[(token["stack"] == stack) & (token.who == "student") & (token.layer == layer)].sort_values("step")
+    t = np.array(teacher.state.tolist(), dtype=float)
+    s = np.array(student.state.tolist(), dtype=float)
+    i, k = pair
+    e1 = t[k] - t[i]
+    e1 /= np.linalg.norm(e1)
+    rest = s[-1] - t[i] - (s[-1] - t[i]) @ e1 * e1
+    e2 = rest / np.linalg.norm(rest) if np.linalg.norm(rest) > 0 else np.roll(e1, 1)
+    plane = lambda x: np.stack([(x - t[i]) @ e1, (x - t[i]) @ e2], -1)
+    return {"teacher": plane(t), "student": plane(s), "steps": student.step.tolist(),
+            "centre": plane((t[i] + t[k]) / 2), "radius": float(np.linalg.norm(t[k] - t[i]) / 2), "pair": pair}
+
+
+def explain_run(path: str | Path, out: Path | None = None) -> Path:
+    """Write explain.png/.pdf and explain.md for one run (into ``<run>/explain/`` by default)."""
+    run = RunDir(path)
+    if not run.path.is_dir() or run.kind() != "student":
+        raise LayergeoError(f"{run.path} is not a student run directory; give one written by layergeo train")
+    angles, distances = trace_tables(run.path)
+    if angles.empty:
+        raise LayergeoError(f"{run.path} has no geometry trace (trace_angles.jsonl): it was trained with trace.examples=0 "
+                            "or before layergeo traced runs; train it again with the default trace settings")
+    out = out or run.path / "explain"
+    config = run.config()
+    depths = {stack: (int(g.teacher_k.max()), int(g.student_layer.max())) for stack, g in angles.groupby("stack", sort=False)}
+    geometry = deep_geometry(angles)
+    mappings = matched_at(run, list(depths))
+    dist = matched_distances(distances, mappings, depths)
+    token = pd.DataFrame(read_jsonl(run.path / TOKEN))
+    stack = next(iter(depths))
+    lt, ls = depths[stack]
+    reverse = lt // ls if lt >= ls else 1
+    planes = token_plane(token, stack, ls, (lt, max(1, reverse))) if not token.empty and lt > 1 else None
+    layers, terms = alignment_tables(run.path)
+    strategy = run.mappings()[0]["strategy"] if run.mappings() else config.matching.strategy
+    title = f"{run.path.name}: {plots.strategy_label(strategy)}, {plots.INIT_LABELS.get(config.student.init, config.student.init).lower()}"
+    plots.save_figure(plots.explain_page(geometry, dist, planes, layers, terms, title), out / "explain")
+    write_text(out / "explain.md", summary_text(run, strategy, geometry, dist, terms, planes) + "\n")
+    for name, table in (("geometry_over_training", geometry), ("distances_over_training", dist)):
+        write_text(out / f"{name}.csv", table.to_csv(index=False))
+    return out
+
+
+def summary_text(run: RunDir, strategy: str, geometry: pd.DataFrame, dist: pd.DataFrame, terms: pd.DataFrame,
+                 planes: dict | None) -> str:
+    """What the run shows, in sentences with its numbers (first stack when there are several)."""
+    results = run.results() if run.finished else {}
+    stack = geometry["stack"].iloc[0]
+    g = geometry[geometry["stack"] == stack].sort_values("step")
+    d = dist[dist["stack"] == stack].sort_values("step")
+    first, last = g.iloc[0], g.iloc[-1]
+    lines = [f"# {run.path.name}: what its trace shows\n",
+             f"Strategy {plots.strategy_label(strategy)}; {stack} stack; probes at steps {', '.join(map(str, g.step))}.\n",
+             f"- Angles at the student (layers ≥ 1, teacher pairs among layers ≥ 1): {100 * first.frac_acute:.1f}% acute at "
+             f"step {first.step}, {100 * last.frac_acute:.1f}% at step {last.step}; the Thales ratio (distance from a pair's "
+             f"midpoint in units of half the pair's distance; above 1 = acute) went from {first.thales_ratio:.2f} to "
+             f"{last.thales_ratio:.2f}. An acute angle means a step toward one teacher layer also shortens the distance to "
+             "the other."]
+    if len(d):
+        a, b = d.iloc[0], d.iloc[-1]
+        lines.append(f"- Distance to the matched teacher layer: {a.matched:.2f} → {b.matched:.2f} ({_change(a.matched, b.matched)}); "
+                     f"to the other teacher layers: {a.unmatched:.2f} → {b.unmatched:.2f} ({_change(a.unmatched, b.unmatched)})."
+                     + (" Matching none, \"matched\" is where forward matching would pull." if strategy == "none" else ""))
+    if planes is not None:
+        inside = np.linalg.norm(planes["student"][-1] - planes["centre"]) < planes["radius"]
+        i, k = planes["pair"]
+        lines.append(f"- The probe token's last student state ends {'inside' if inside else 'outside'} the Thales ball of "
+                     f"T{i} and T{k} (in their plane): the angle it sees between them is {'obtuse' if inside else 'acute'}.")
+    if not terms.empty:
+        t0, t1 = terms[terms.step == terms.step.min()], terms[terms.step == terms.step.max()]
+        fmt = lambda frame: ", ".join(f"{plots.strategy_label(r.term) if r.term != 'kl' else 'KL'} {r.cosine_with_ce:+.2f}"
+                                      for r in frame.itertuples())
+        lines.append(f"- Cosine of each pull's parameter gradient with the task's (CE, held-out batch) gradient at step "
+                     f"{int(t0.step.iloc[0])}: {fmt(t0)}; at step {int(t1.step.iloc[0])}: {fmt(t1)}.")
+    if results:
+        lines.append(f"- Dev metrics of the best checkpoint: " + ", ".join(
+            f"{k.replace('_', ' ')} {100 * v:.1f}%" if k in PERCENT else f"{k.replace('_', ' ')} {v:.3g}"
+            for k, v in results["dev"].items() if isinstance(v, float)) + ".")
+    return "\n".join(lines)
+
+
+def _change(before: float, after: float) -> str:
+    return f"{100 * (after - before) / before:+.0f}%" if before else "from 0"
+
+
+def run_trace_summary(path: Path) -> pd.DataFrame:
+    """One run's trace per step (first stack): frac_acute, thales_ratio, matched, unmatched and, with gradient
+    traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none)."""
+    run = RunDir(path)
+    angles, distances = trace_tables(run.path)
+    if angles.empty:
+        raise LayergeoError(f"{run.path} has no geometry trace (trace_angles.jsonl); compare runs trained with the trace on")
+    depths = {stack: (int(g.teacher_k.max()), int(g.student_layer.max())) for stack, g in angles.groupby("stack", sort=False)}
+    stack = next(iter(depths))
+    geometry = deep_geometry(angles)
+    table = geometry[geometry["stack"] == stack].merge(
+        matched_distances(distances, matched_at(run, list(depths)), depths), on=["stack", "step"])
+    config = run.config()
+    strategy = run.mappings()[0]["strategy"] if run.mappings() else config.matching.strategy
+    _, terms = alignment_tables(run.path)
+    own = terms[terms.term == strategy].set_index("step").cosine_with_ce if not terms.empty else pd.Series(dtype=float)
+    return table.assign(own_pull_vs_ce=table.step.map(own), run=run.path.name, strategy=strategy,
+                        init=config.student.init, seed=config.seed)
+
+
+def explain_runs(paths: list[str], out: Path) -> Path:
+    """Compare the traces of several runs (one setting, any strategies and inits): compare.png/.pdf, compare.md and
+    compare.csv under ``out``. Runs of one strategy and init are averaged over their seeds."""
+    runs = expand_runs(paths)
+    _, pooled = pooled_settings(runs, strict=True)
+    table = pd.concat([run_trace_summary(path) for path in runs], ignore_index=True)
+    write_text(out / "compare.csv", table.to_csv(index=False))
+    plots.save_figure(plots.trace_comparison(table), out / "compare")
+    lines = [f"# Traces compared\n", f"{pooled}.\n", "| init | strategy | seeds | acute fraction, first → last probe | "
+             "Thales ratio | distance to the matched layer | own pull vs CE (mean over probes) |", "|---|---|---|---|---|---|---|"]
+    for (init, strategy), group in table.groupby(["init", "strategy"]):
+        ends = group.groupby("step")[["frac_acute", "thales_ratio", "matched", "own_pull_vs_ce"]].mean().sort_index()
+        a, b = ends.iloc[0], ends.iloc[-1]
+        own = f"{ends.own_pull_vs_ce.mean():+.2f}" if ends.own_pull_vs_ce.notna().any() else "–"
+        lines.append(f"| {init} | {plots.strategy_label(strategy)} | {group.seed.nunique()} | {100 * a.frac_acute:.1f}% → "
+                     f"{100 * b.frac_acute:.1f}% | {a.thales_ratio:.2f} → {b.thales_ratio:.2f} | {a.matched:.2f} → {b.matched:.2f} | {own} |")
+    write_text(out / "compare.md", "\n".join(lines) + "\n")
+    return out

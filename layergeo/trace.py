@@ -1,0 +1,207 @@
+"""Geometry along training: a fixed probe set of dev examples measured every few steps, no checkpoints.
+
+At step 0 (the untrained student) and at each probe step the student's states on the probe set are
+compared with the teacher's, exactly as ``layergeo angles`` measures a checkpoint (same accumulators,
+same anchors and projections, student space): per stack, student layer j and teacher pair i < k the
+fraction of acute angles and the mean Thales ratio, and per (j, teacher layer i) the mean distance
+|W S_j - T_i|. The teacher is fixed, so its probe states are computed once. Rows go to two tidy tables
+in the run directory, one JSON line per row, appended after each probe (a line cut short by a kill is
+dropped on reading, as for metrics.jsonl; :func:`trace_tables` reads them as DataFrames):
+
+    trace_angles.jsonl     step, stack, student_layer, teacher_i, teacher_k, n_tokens, frac_acute, mean_thales_ratio
+    trace_distances.jsonl  step, stack, student_layer, teacher_layer, distance
+    trace_token.jsonl      step, stack, who (teacher | student), layer, state: one token's states (W S_j for the student)
+
+A probe runs the student in eval mode under ``torch.inference_mode`` and draws no random numbers, so a
+run trains the same with or without it. Memory does not grow with the number of probes beyond the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from layergeo.alignment import cosines_with, flat_gradient, layer_alignment, strategy_pulls
+from layergeo.analyse import AngleOptions, RunGeometry
+from layergeo.collect import LoadedRun, StackView, texts_loader
+from layergeo.config import RunConfig, TraceConfig
+from layergeo.families import Family
+from layergeo.geometry import MeanDistance
+from layergeo.models import Student
+from layergeo.runs import RunDir, append_jsonl_rows, read_jsonl, truncate_jsonl
+from layergeo.errors import LayergeoError
+from layergeo.strategies import build_mapping, forward_targets
+
+ANGLES, DISTANCES = "trace_angles.jsonl", "trace_distances.jsonl"
+LAYER_ALIGNMENT, TERM_ALIGNMENT = "trace_layer_alignment.jsonl", "trace_term_alignment.jsonl"  # with trace.gradients
+TOKEN = "trace_token.jsonl"  # one probe token's teacher states (step 0) and projected student states (every probe)
+TABLES = (ANGLES, DISTANCES, LAYER_ALIGNMENT, TERM_ALIGNMENT, TOKEN)
+STRATEGIES = ("forward", "reverse", "all_to_one", "shuffle", "rail")  # the pulls compared with the task's gradient
+
+
+def probe_steps(settings: TraceConfig, total: int) -> set[int]:
+    """The steps after which the probe runs (step 0, before training, is always one): every ``settings.every``
+    steps, or ``settings.probes`` times spread evenly over ``total``; the last step always."""
+    every = settings.every or max(1, math.ceil(total / settings.probes))
+    return {0, *range(every, total + 1, every), total}
+
+
+class GeometryTrace:
+    """The probe set and its measurement; ``record(step)`` appends that step's rows to the run's tables."""
+
+    def __init__(self, run: RunDir, loaded: LoadedRun, settings: TraceConfig, device: torch.device, cost: dict | None = None):
+        """``cost``: a dict (the run's env.json entry) whose "seconds" this trace keeps up to date: its own time."""
+        started = time.perf_counter()
+        self.run, self.loaded, self.device = run, loaded, device
+        self.cost = cost if cost is not None else {}
+        loader, self.n_examples, _ = texts_loader(loaded, "dev", max_examples=settings.examples)
+        family = loaded.family
+        self.batches, self.teacher_states = [], []
+        with torch.inference_mode():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                masks = family.masks(batch)
+                teacher = family.hidden_states(loaded.teacher(**family.inputs(batch), output_hidden_states=True))
+                self.teacher_states.append({stack: torch.stack([h[masks[stack].bool()] for h in teacher[stack]], 1).float()
+                                            for stack in family.stacks})
+                self.batches.append(batch)
+        self.options = AngleOptions(max_examples=settings.examples)
+        self.settings = settings
+        self.gradients = GradientProbe(loaded, settings.examples, device) if settings.gradients else None
+        self.cost["seconds"] = round(time.perf_counter() - started, 3)
+
+    def steps(self, total: int) -> set[int]:
+        return probe_steps(self.settings, total)
+
+    def record(self, step: int, epoch: int = 0) -> None:
+        started = time.perf_counter()
+        self._record_geometry(step)
+        if self.gradients is not None:
+            layers, terms = self.gradients.measure(step, epoch)
+            append_jsonl_rows(self.run.path / LAYER_ALIGNMENT, layers)
+            append_jsonl_rows(self.run.path / TERM_ALIGNMENT, terms)
+        self.cost["seconds"] = round(self.cost.get("seconds", 0.0) + time.perf_counter() - started, 3)
+
+    @torch.inference_mode()
+    def _record_geometry(self, step: int) -> None:
+        loaded, family = self.loaded, self.loaded.family
+        was_training = loaded.student.training
+        loaded.student.eval()
+        geometries = {stack: RunGeometry(loaded, self.options, view) for stack, view in loaded.stacks.items()}
+        distances = {stack: MeanDistance(g.n_teacher, len(g.anchors)) for stack, g in geometries.items()}
+        token_rows = []
+        for b, (batch, teacher_states) in enumerate(zip(self.batches, self.teacher_states)):
+            masks = family.masks(batch)
+            student = family.hidden_states(loaded.student(**family.inputs(batch)))
+            for stack, geometry in geometries.items():
+                teacher = teacher_states[stack]
+                states = torch.stack([h[masks[stack].bool()] for h in student[stack]], 1).float()
+                geometry.update(teacher, states)
+                projected = torch.stack([loaded.student.project(l, states[:, l], stack) for l in geometry.anchors], 1)
+                distances[stack].update(teacher, projected)
+                if b == 0:  # one token's states: the middle counted position of the first example
+                    token = int(masks[stack][0].sum()) // 2
+                    token_rows += [{"step": step, "stack": stack, "who": "student", "layer": l, "state": projected[token, a].tolist()}
+                                   for a, l in enumerate(geometry.anchors)]
+                    if step == 0:
+                        token_rows += [{"step": 0, "stack": stack, "who": "teacher", "layer": i, "state": teacher[token, i].tolist()}
+                                       for i in range(geometry.n_teacher)]
+        loaded.student.train(was_training)
+        append_jsonl_rows(self.run.path / TOKEN, token_rows)
+        angle_rows, distance_rows = [], []
+        for stack, geometry in geometries.items():
+            angles = geometry.angles.to_frame().rename(columns={"anchor": "student_layer"})
+            angles = angles[angles.student_layer.isin(geometry.anchors)]
+            angle_rows.append(angles[["student_layer", "teacher_i", "teacher_k", "n_tokens", "frac_acute", "mean_thales_ratio"]]
+                              .assign(step=step, stack=stack))
+            mean = distances[stack].mean()  # (teacher layers, anchors)
+            distance_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_layer": i, "distance": float(mean[i, a])}
+                              for a, j in enumerate(geometry.anchors) for i in range(geometry.n_teacher)]
+        angles = pd.concat(angle_rows, ignore_index=True)
+        angles = angles[["step", "stack", *angles.columns[:-2]]].astype(object).where(angles.notna(), None)
+        append_jsonl_rows(self.run.path / ANGLES, angles.to_dict("records"))
+        append_jsonl_rows(self.run.path / DISTANCES, distance_rows)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the rows of probes after ``step`` (a resumed run measures them again); all rows when step is 0."""
+        for name in TABLES:
+            truncate_jsonl(self.run.path / name, lambda row: step > 0 and row["step"] <= step)
+
+
+class GradientProbe:
+    """The alignments of ``layergeo.alignment`` on 2n dev examples: n for the pulls and the KL term, n held out
+    for the cross-entropy gradient they are compared with. The student runs in eval mode (no dropout)."""
+
+    def __init__(self, loaded: LoadedRun, examples: int, device: torch.device):
+        self.loaded, self.device = loaded, device
+        loader, _, _ = texts_loader(loaded, "dev", max_examples=2 * examples, batch_size=examples)
+        batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
+        if len(batches) < 2:
+            raise LayergeoError(f"trace.gradients needs {2 * examples} dev examples (n for the pulls, n held out); "
+                                "lower trace.examples")
+        self.pull_batch, self.held_out = batches[0], batches[1]
+        family = loaded.family
+        with torch.inference_mode():
+            out = loaded.teacher(**family.inputs(self.pull_batch), output_hidden_states=True)
+            masks = family.masks(self.pull_batch)
+            self.teacher_logits = out.logits.float().clone()
+            self.teacher_states = {stack: torch.stack([h[masks[stack].bool()] for h in states], 1).float().clone()
+                                   for stack, states in family.hidden_states(out).items()}
+        config = loaded.config
+        depths = {stack: (view.teacher_layers, view.student_layers) for stack, view in loaded.stacks.items()}
+        self.mappings = {name: build_mapping(dataclasses.replace(config.matching, strategy=name), depths, config.seed)
+                         for name in STRATEGIES}
+
+    def measure(self, step: int, epoch: int) -> tuple[list[dict], list[dict]]:
+        """(layer rows: step, stack, student_layer, teacher_i, teacher_k, cosine; term rows: step, term, cosine_with_ce)."""
+        loaded, family, student = self.loaded, self.loaded.family, self.loaded.student
+        was_training = student.training
+        student.eval()
+        params = [p for p in student.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            ce = flat_gradient(family.task_loss(student(**family.inputs(self.held_out)).logits, self.held_out), params)
+            out = student(**family.inputs(self.pull_batch))
+            kl = flat_gradient(family.kl_loss(out.logits, self.teacher_logits, self.pull_batch, loaded.config.loss.temperature), params)
+            masks = family.masks(self.pull_batch)
+            layer_rows, pulls = [], []
+            targets = {name: {} for name in STRATEGIES}
+            for stack, hidden in family.hidden_states(out).items():
+                states = [student.project(l, h[masks[stack].bool()].float(), stack) for l, h in enumerate(hidden)]
+                teacher = self.teacher_states[stack]
+                for j, matrix in layer_alignment(states, teacher, params, range(1, len(states))).items():
+                    layer_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_i": i, "teacher_k": k,
+                                    "cosine": float(matrix[i, k])} for i in range(len(matrix)) for k in range(len(matrix)) if i < k]
+                for name, mapping in self.mappings.items():
+                    targets[name] = dict(mapping.pairs_at(epoch, step)[stack])
+                pulls.append(strategy_pulls(states, teacher, params, targets))
+        student.train(was_training)
+        hidden = sum(pulls)  # (strategies, P): every stack's pulls of each strategy
+        cosines = cosines_with(torch.cat([hidden, kl[None]]), ce).tolist()
+        terms = [{"step": step, "term": name, "cosine_with_ce": value} for name, value in zip([*STRATEGIES, "kl"], cosines)]
+        return layer_rows, terms
+
+
+def live_run(run: RunDir, config: RunConfig, family: Family, teacher, student: Student, tokenizer, strategy: str) -> LoadedRun:
+    """A run being trained, seen as ``load_run`` sees a saved one (the matched pairs left empty: not needed here)."""
+    teacher_depths, student_depths = family.depths(teacher.config), family.depths(student.model.config)
+    views = {}
+    for stack in family.stacks:
+        n_teacher, n_student = teacher_depths[stack], student_depths[stack]
+        forward = [(j + 1, t) for j, t in enumerate(forward_targets(n_teacher, n_student))]
+        views[stack] = StackView(stack, n_teacher, n_student, [], forward)
+    return LoadedRun(run, config, "live", family, teacher, student, tokenizer, strategy, views)
+
+
+def trace_tables(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's trace: (angles, distances); empty frames when it has none."""
+    return tuple(pd.DataFrame(read_jsonl(Path(run) / name)) for name in (ANGLES, DISTANCES))
+
+
+def alignment_tables(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's gradient alignments (trace.gradients): (layer alignment, term alignment); empty frames without them."""
+    return tuple(pd.DataFrame(read_jsonl(Path(run) / name)) for name in (LAYER_ALIGNMENT, TERM_ALIGNMENT))

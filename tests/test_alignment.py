@@ -1,0 +1,68 @@
+"""Gradient alignments against one torch.autograd.grad call per pull, in float64, on a tiny BERT student."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from layergeo.alignment import (batched_pulls, cosine_matrix, cosines_with, flat_gradient, layer_alignment,
+                                strategy_pulls)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=16)
+    model = BertModel(config).double().eval()  # no dropout: every forward pass is the same function
+    projection = torch.nn.Linear(16, 24, bias=False).double()  # a narrower student: W maps 16 -> 24
+    ids = torch.randint(0, 50, (3, 7))
+    teacher = torch.randn(3 * 7, 5, 24, dtype=torch.float64)  # 4 teacher layers + embeddings
+    params = [p for p in (*model.parameters(), *projection.parameters())]
+
+    def states():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        return [projection(h.reshape(-1, 16)) for h in hidden]  # W S_j, (N, 24) each
+
+    return states, teacher, params
+
+
+def _pull(states, teacher, params, j, i):
+    s = states()
+    return flat_gradient(0.5 * ((s[j] - teacher[:, i]) ** 2).sum(), params)
+
+
+def test_layer_alignment_equals_separate_gradients(tiny):
+    states, teacher, params = tiny
+    got = layer_alignment(states(), teacher, params, layers=[1, 2])
+    for j in (1, 2):
+        grads = torch.stack([_pull(states, teacher, params, j, i) for i in range(5)])
+        expected = torch.nn.functional.cosine_similarity(grads[:, None], grads[None, :], dim=-1)
+        torch.testing.assert_close(got[j], expected, rtol=1e-9, atol=1e-12)
+        assert got[j].diagonal().allclose(torch.ones(5, dtype=torch.float64))
+
+
+def test_strategy_pulls_are_sums_of_the_pair_gradients(tiny):
+    states, teacher, params = tiny
+    targets = {"forward": {1: 2, 2: 4}, "reverse": {1: 4, 2: 2}, "all_to_one": {1: 2, 2: 2}}
+    got = strategy_pulls(states(), teacher, params, targets)
+    for row, pairs in zip(got, targets.values()):
+        expected = sum(_pull(states, teacher, params, j, t) for j, t in pairs.items())
+        torch.testing.assert_close(row, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_cosines_with_a_reference_and_the_batched_pulls_shape(tiny):
+    states, teacher, params = tiny
+    s = states()
+    reference = flat_gradient(s[2].pow(2).sum(), params).detach()
+    grads = batched_pulls(s, [torch.randn(4, *x.shape, dtype=torch.float64) for x in s], params)
+    assert grads.shape == (4, sum(p.numel() for p in params))
+    expected = [float(np.dot(g, reference.numpy()) / (np.linalg.norm(g) * np.linalg.norm(reference.numpy()))) for g in grads.detach().numpy()]
+    np.testing.assert_allclose(cosines_with(grads, reference).numpy(), expected, rtol=1e-10)
+    # cosines are invariant to scaling a pull
+    np.testing.assert_allclose(cosine_matrix(grads * torch.tensor([[1.0], [3.0], [0.5], [2.0]], dtype=torch.float64)),
+                               cosine_matrix(grads), rtol=1e-10)

@@ -1,0 +1,79 @@
+"""`layergeo explain`: the page, the summary's numbers against the trace tables, and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from layergeo.cli import main
+from layergeo.explain import deep_geometry, token_plane
+from layergeo.trace import trace_tables
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("explain") / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--set", "train.max_steps=4", "--set", "trace.every=2",
+                 "--set", "trace.examples=6", "--set", "trace.gradients=true", "--set", "matching.strategy=reverse"]) == 0
+    assert main(["explain", "--run", str(run)]) == 0
+    return run
+
+
+def test_the_page_and_its_tables(explained):
+    out = explained / "explain"
+    for name in ("explain.png", "explain.pdf", "explain.md", "geometry_over_training.csv", "distances_over_training.csv"):
+        assert (out / name).is_file(), name
+    text = (out / "explain.md").read_text()
+    assert "Strategy Reverse" in text and "probes at steps 0, 2, 4" in text and "CE, held-out batch" in text
+
+
+def test_deep_geometry_is_the_token_weighted_mean_over_layers_and_pairs_from_one(explained):
+    angles, _ = trace_tables(explained)
+    table = deep_geometry(angles).set_index("step")
+    for step, rows in angles.groupby("step"):
+        deep = rows[(rows.student_layer >= 1) & (rows.teacher_i >= 1) & (rows.n_tokens > 0)]
+        assert table.loc[step, "frac_acute"] == pytest.approx((deep.frac_acute * deep.n_tokens).sum() / deep.n_tokens.sum())
+    text = (explained / "explain" / "explain.md").read_text()
+    assert f"{100 * table.frac_acute.iloc[0]:.1f}% acute at step 0" in text
+
+
+def test_the_token_plane_keeps_distances_in_the_plane():
+    rng = np.random.default_rng(0)
+    teacher, student = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    rows = [{"step": 0, "stack": "encoder", "who": "teacher", "layer": i, "state": list(t)} for i, t in enumerate(teacher)]
+    rows += [{"step": s, "stack": "encoder", "who": "student", "layer": 2, "state": list(x)} for s, x in enumerate(student)]
+    plane = token_plane(pd.DataFrame(rows), "encoder", 2, (3, 1))
+    t, s = plane["teacher"], plane["student"]
+    assert np.allclose(t[3], 0) and np.isclose(np.linalg.norm(t[1] - t[3]), np.linalg.norm(teacher[1] - teacher[3]))
+    # the last student state lies in the plane: its distances to T3 and T1 are exact, and so is its side of the ball
+    for k in (3, 1):
+        assert np.isclose(np.linalg.norm(s[-1] - t[k]), np.linalg.norm(student[-1] - teacher[k]))
+    inside = np.linalg.norm(s[-1] - plane["centre"]) < plane["radius"]
+    cos = (teacher[3] - student[-1]) @ (teacher[1] - student[-1])
+    assert inside == (cos < 0)  # Thales: inside the ball exactly when the angle is obtuse
+
+
+def test_a_run_without_a_trace_is_refused(explained, tmp_path, capsys):
+    run = tmp_path / "untraced"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--set", f"teacher.dir={explained / 'teacher'}",
+                 "--set", "train.max_steps=2", "--set", "trace.examples=0"]) == 0
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run)]) == 2
+    assert "no geometry trace" in capsys.readouterr().err and not (run / "explain").exists()
+
+
+def test_runs_compared_side_by_side(explained, tmp_path, capsys):
+    other = tmp_path / "runs" / "forward"
+    assert main(["train", "--preset", "tiny", "--out", str(other), "--set", f"teacher.dir={explained / 'teacher'}",
+                 "--set", "train.max_steps=4", "--set", "trace.every=2", "--set", "trace.examples=6"]) == 0
+    assert main(["explain", "--runs", str(explained), str(other), "--out", str(tmp_path / "compare")]) == 0
+    table = pd.read_csv(tmp_path / "compare" / "compare.csv")
+    assert set(table.strategy) == {"reverse", "forward"} and sorted(table.step.unique()) == [0, 2, 4]
+    assert table[table.strategy == "forward"].own_pull_vs_ce.isna().all()  # traced without gradients
+    assert table[table.strategy == "reverse"].own_pull_vs_ce.notna().all()
+    text = (tmp_path / "compare" / "compare.md").read_text()
+    assert "| copy | Reverse | 1 |" in text and "| copy | Forward | 1 |" in text
+    assert (tmp_path / "compare" / "compare.png").is_file()
+    capsys.readouterr()
+    assert main(["explain", "--runs", str(other)]) == 2 and "--out" in capsys.readouterr().err
