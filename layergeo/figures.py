@@ -63,14 +63,18 @@ def loss_terms(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_figures(root: str | Path, out: Path | None = None) -> Path:
-    root = Path(root)
-    out = out or root / "figures"
-    results = collect_results(root)
+def metric_figures(results: pd.DataFrame, out: Path) -> None:
+    """The metric per strategy figures of a results table (the report's results_all)."""
     for metric, label in METRIC_LABELS.items():
         if metric in results and results[metric].notna().any():
             frame = results.rename(columns={metric: "value"})[["strategy", "init", "task", "seed", "value"]].dropna()
             plots.save_figure(plots.metric_points(frame, label), out / f"{metric}_by_strategy")
+
+
+def write_figures(root: str | Path, out: Path | None = None) -> Path:
+    root = Path(root)
+    out = out or root / "figures"
+    metric_figures(collect_results(root), out)
     geometry = _grid_geometry(root)
     options = AngleOptions(max_examples=geometry.get("max_examples"), space=geometry.get("space", "student"))
     compare_runs([str(root)], options, ["init", "best"], out, strict=False)  # a grid may cross budgets: pooled.csv says
@@ -91,3 +95,35 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
         title = f"Loss terms during distillation (mean over seeds): {plots.task_label(task)}, {plots.INIT_LABELS.get(init, init)}"
         plots.save_figure(plots.loss_curves(curve, title), out / f"loss_terms_{task}_{init}")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m layergeo.figures --results tables/results_all.csv --acute plots/acute_summary.csv --out plots``:
+    redraw, from a saved sweep's tables alone, the figures that come from them (metric per strategy, acute
+    fractions untrained vs trained); the others need the run folders (``layergeo figures RUNS_DIR``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m layergeo.figures", description=main.__doc__)
+    parser.add_argument("--results", required=True, metavar="CSV", help="a saved report's results_all.csv")
+    parser.add_argument("--acute", metavar="CSV", help="a saved figures folder's acute_summary.csv")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    args = parser.parse_args(argv)
+    for name in ("results", "acute"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            parser.error(f"--{name} {path} does not exist")
+    out = Path(args.out)
+    metric_figures(pd.read_csv(args.results), out)
+    if args.acute:
+        acute = pd.read_csv(args.acute)
+        stacks = acute["stack"].dropna().unique() if "stack" in acute else [None]
+        for stack in stacks:
+            table, suffix = (acute, "") if stack is None else (acute[acute["stack"] == stack], f"_{stack}")
+            title = "" if stack is None else f" ({stack} stack)"
+            plots.save_figure(plots.acute_fraction_points(table, title=title), out / f"acute_fraction_by_strategy{suffix}")
+    print(f"figures in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

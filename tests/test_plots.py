@@ -319,3 +319,20 @@ def test_levels_outside_the_palette_never_share_a_colour():
         levels = ["none"] + [f"setting {i}" for i in range(n)]
         colors = _colors(levels, STRATEGY_PALETTE)
         assert colors["none"] == STRATEGY_PALETTE["none"] and len(set(colors.values())) == len(levels)
+
+
+def test_figures_redrawn_from_saved_tables(tmp_path):
+    from layergeo.figures import main as figures_main
+
+    rows = [{"run": f"{s}{i}{seed}", "task": "rotten_tomatoes", "init": i, "strategy": s, "seed": seed,
+             "test_accuracy": 60.0 + seed, "dev_accuracy": 61.0}
+            for s in ("none", "forward") for i in ("copy", "random") for seed in (0, 1)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results_all.csv", index=False)
+    acute = pd.DataFrame([{**{k: r[k] for k in ("run", "strategy", "init", "seed", "task")}, "checkpoint": c, "frac_acute": 0.9}
+                          for r in rows for c in ("init", "best")])
+    acute.to_csv(tmp_path / "acute_summary.csv", index=False)
+    assert figures_main(["--results", str(tmp_path / "results_all.csv"), "--acute", str(tmp_path / "acute_summary.csv"),
+                         "--out", str(tmp_path / "plots")]) == 0
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == sorted(f"{stem}.{ext}" for stem in ("acute_fraction_by_strategy", "dev_accuracy_by_strategy",
+                                                        "test_accuracy_by_strategy") for ext in ("png", "pdf"))
