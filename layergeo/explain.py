@@ -106,18 +106,18 @@ def explain_run(path: str | Path, out: Path | None = None) -> Path:
     lt, ls = depths[stack]
     reverse = lt // ls if lt >= ls else 1
     planes = token_plane(token, stack, ls, (lt, max(1, reverse))) if not token.empty and lt > 1 else None
-    layers, terms = alignment_tables(run.path)
+    layers, terms, first_order = alignment_tables(run.path)
     strategy = run.mappings()[0]["strategy"] if run.mappings() else config.matching.strategy
     title = f"{run.path.name}: {plots.strategy_label(strategy)}, {plots.INIT_LABELS.get(config.student.init, config.student.init).lower()}"
     plots.save_figure(plots.explain_page(geometry, dist, planes, layers, terms, title), out / "explain")
-    write_text(out / "explain.md", summary_text(run, strategy, geometry, dist, terms, planes) + "\n")
+    write_text(out / "explain.md", summary_text(run, strategy, geometry, dist, terms, planes, first_order) + "\n")
     for name, table in (("geometry_over_training", geometry), ("distances_over_training", dist)):
         write_text(out / f"{name}.csv", table.to_csv(index=False))
     return out
 
 
 def summary_text(run: RunDir, strategy: str, geometry: pd.DataFrame, dist: pd.DataFrame, terms: pd.DataFrame,
-                 planes: dict | None) -> str:
+                 planes: dict | None, first_order: pd.DataFrame | None = None) -> str:
     """What the run shows, in sentences with its numbers (first stack when there are several)."""
     results = run.results() if run.finished else {}
     stack = geometry["stack"].iloc[0]
@@ -147,6 +147,14 @@ def summary_text(run: RunDir, strategy: str, geometry: pd.DataFrame, dist: pd.Da
                                       for r in frame.itertuples())
         lines.append(f"- Cosine of each pull's parameter gradient with the task's (CE, held-out batch) gradient at step "
                      f"{int(t0.step.iloc[0])}: {fmt(t0)}; at step {int(t1.step.iloc[0])}: {fmt(t1)}.")
+    if first_order is not None and not first_order.empty:
+        other = first_order[first_order.toward != first_order.teacher_layer]
+        agree = {view: float((np.sign(other[view]) == np.sign(other.realised)).mean()) for view in ("param_view", "state_view")}
+        lines.append(f"- First-order check (S{int(other.student_layer.max())}, a parameter step of 1e-5 |θ| toward each teacher "
+                     f"layer k, the change of the squared distance to every other layer i, {len(other)} cases over the "
+                     f"probes): the parameter-space prediction has the sign of the realised change in "
+                     f"{100 * agree['param_view']:.0f}% of cases, the state-space one (the paper's idealised step) in "
+                     f"{100 * agree['state_view']:.0f}%.")
     if results:
         lines.append(f"- Dev metrics of the best checkpoint: " + ", ".join(
             f"{k.replace('_', ' ')} {100 * v:.1f}%" if k in PERCENT else f"{k.replace('_', ' ')} {v:.3g}"
@@ -172,7 +180,7 @@ def run_trace_summary(path: Path) -> pd.DataFrame:
         matched_distances(distances, matched_at(run, list(depths)), depths), on=["stack", "step"])
     config = run.config()
     strategy = run.mappings()[0]["strategy"] if run.mappings() else config.matching.strategy
-    _, terms = alignment_tables(run.path)
+    _, terms, _ = alignment_tables(run.path)
     own = terms[terms.term == strategy].set_index("step").cosine_with_ce if not terms.empty else pd.Series(dtype=float)
     return table.assign(own_pull_vs_ce=table.step.map(own), run=run.path.name, strategy=strategy,
                         init=config.student.init, seed=config.seed)

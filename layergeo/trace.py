@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from layergeo.alignment import cosines_with, flat_gradient, layer_alignment, strategy_pulls
+from layergeo.alignment import cosines_with, first_order_check, flat_gradient, layer_alignment, strategy_pulls
 from layergeo.analyse import AngleOptions, RunGeometry
 from layergeo.collect import LoadedRun, StackView, texts_loader
 from layergeo.config import RunConfig, TraceConfig
@@ -39,8 +39,9 @@ from layergeo.strategies import build_mapping, forward_targets
 
 ANGLES, DISTANCES = "trace_angles.jsonl", "trace_distances.jsonl"
 LAYER_ALIGNMENT, TERM_ALIGNMENT = "trace_layer_alignment.jsonl", "trace_term_alignment.jsonl"  # with trace.gradients
+FIRST_ORDER = "trace_first_order.jsonl"  # with trace.gradients: predicted and realised changes after a small step
 TOKEN = "trace_token.jsonl"  # one probe token's teacher states (step 0) and projected student states (every probe)
-TABLES = (ANGLES, DISTANCES, LAYER_ALIGNMENT, TERM_ALIGNMENT, TOKEN)
+TABLES = (ANGLES, DISTANCES, LAYER_ALIGNMENT, TERM_ALIGNMENT, FIRST_ORDER, TOKEN)
 STRATEGIES = ("forward", "reverse", "all_to_one", "shuffle", "rail")  # the pulls compared with the task's gradient
 
 
@@ -82,9 +83,10 @@ class GeometryTrace:
         started = time.perf_counter()
         self._record_geometry(step)
         if self.gradients is not None:
-            layers, terms = self.gradients.measure(step, epoch)
+            layers, terms, first_order = self.gradients.measure(step, epoch)
             append_jsonl_rows(self.run.path / LAYER_ALIGNMENT, layers)
             append_jsonl_rows(self.run.path / TERM_ALIGNMENT, terms)
+            append_jsonl_rows(self.run.path / FIRST_ORDER, first_order)
         self.cost["seconds"] = round(self.cost.get("seconds", 0.0) + time.perf_counter() - started, 3)
 
     @torch.inference_mode()
@@ -157,8 +159,9 @@ class GradientProbe:
         self.mappings = {name: build_mapping(dataclasses.replace(config.matching, strategy=name), depths, config.seed)
                          for name in STRATEGIES}
 
-    def measure(self, step: int, epoch: int) -> tuple[list[dict], list[dict]]:
-        """(layer rows: step, stack, student_layer, teacher_i, teacher_k, cosine; term rows: step, term, cosine_with_ce)."""
+    def measure(self, step: int, epoch: int) -> tuple[list[dict], list[dict], list[dict]]:
+        """(layer rows: step, stack, student_layer, teacher_i, teacher_k, cosine; term rows: step, term, cosine_with_ce;
+        first-order rows: step, stack and ``alignment.first_order_check``'s columns, for the last student layer)."""
         loaded, family, student = self.loaded, self.loaded.family, self.loaded.student
         was_training = student.training
         student.eval()
@@ -168,7 +171,7 @@ class GradientProbe:
             out = student(**family.inputs(self.pull_batch))
             kl = flat_gradient(family.kl_loss(out.logits, self.teacher_logits, self.pull_batch, loaded.config.loss.temperature), params)
             masks = family.masks(self.pull_batch)
-            layer_rows, pulls = [], []
+            layer_rows, pulls, first_order = [], [], []
             targets = {name: {} for name in STRATEGIES}
             for stack, hidden in family.hidden_states(out).items():
                 states = [student.project(l, h[masks[stack].bool()].float(), stack) for l, h in enumerate(hidden)]
@@ -179,11 +182,20 @@ class GradientProbe:
                 for name, mapping in self.mappings.items():
                     targets[name] = dict(mapping.pairs_at(epoch, step)[stack])
                 pulls.append(strategy_pulls(states, teacher, params, targets))
+            for stack in self.teacher_states:  # last: it steps the parameters in place, which the graphs above read
+
+                def states_fn(stack=stack):
+                    hidden = family.hidden_states(student(**family.inputs(self.pull_batch)))[stack]
+                    return [student.project(l, h[masks[stack].bool()].float(), stack) for l, h in enumerate(hidden)]
+
+                last = loaded.stacks[stack].student_layers
+                first_order += [{"step": step, "stack": stack, **row}
+                                for row in first_order_check(states_fn, params, self.teacher_states[stack], [last])]
         student.train(was_training)
         hidden = sum(pulls)  # (strategies, P): every stack's pulls of each strategy
         cosines = cosines_with(torch.cat([hidden, kl[None]]), ce).tolist()
         terms = [{"step": step, "term": name, "cosine_with_ce": value} for name, value in zip([*STRATEGIES, "kl"], cosines)]
-        return layer_rows, terms
+        return layer_rows, terms, first_order
 
 
 def live_run(run: RunDir, config: RunConfig, family: Family, teacher, student: Student, tokenizer, strategy: str) -> LoadedRun:
@@ -202,6 +214,7 @@ def trace_tables(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return tuple(pd.DataFrame(read_jsonl(Path(run) / name)) for name in (ANGLES, DISTANCES))
 
 
-def alignment_tables(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run's gradient alignments (trace.gradients): (layer alignment, term alignment); empty frames without them."""
-    return tuple(pd.DataFrame(read_jsonl(Path(run) / name)) for name in (LAYER_ALIGNMENT, TERM_ALIGNMENT))
+def alignment_tables(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A run's gradient traces (trace.gradients): (layer alignment, term alignment, first-order check); empty
+    frames without them."""
+    return tuple(pd.DataFrame(read_jsonl(Path(run) / name)) for name in (LAYER_ALIGNMENT, TERM_ALIGNMENT, FIRST_ORDER))

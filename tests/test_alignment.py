@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -66,3 +67,21 @@ def test_cosines_with_a_reference_and_the_batched_pulls_shape(tiny):
     # cosines are invariant to scaling a pull
     np.testing.assert_allclose(cosine_matrix(grads * torch.tensor([[1.0], [3.0], [0.5], [2.0]], dtype=torch.float64)),
                                cosine_matrix(grads), rtol=1e-10)
+
+
+def test_first_order_check_param_view_matches_a_small_step_and_state_view_is_the_formula(tiny):
+    from layergeo.alignment import first_order_check
+
+    states, teacher, params = tiny
+    before = [p.detach().clone() for p in params]
+    rows = pd.DataFrame(first_order_check(states, params, teacher, layers=[2], relative_step=1e-6))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # restored
+    assert len(rows) == 5 * 5 and set(rows.student_layer) == {2}
+    # to first order the parameter view is the realised change (a tiny step: relative error well below 1e-3)
+    np.testing.assert_allclose(rows.realised, rows.param_view, rtol=1e-3, atol=1e-12 * rows.realised.abs().max())
+    # the state view is -2 eta (T_i - W S_j).(T_k - W S_j); its ratio to the parameter view's eta is fixed per k
+    s = states()[2].detach()
+    for k in range(5):
+        got = rows[rows.toward == k].sort_values("teacher_layer").state_view.to_numpy()
+        brute = np.array([-2 * ((teacher[:, i] - s) * (teacher[:, k] - s)).sum().item() for i in range(5)])
+        np.testing.assert_allclose(got / got[k], brute / brute[k], rtol=1e-9)  # up to the step size eta

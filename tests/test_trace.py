@@ -113,7 +113,8 @@ def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint
 
     out = tmp_path / "gradients"
     assert _train(out, traced / "teacher", *SETTINGS, "trace.gradients=true", "trace.examples=6") == 0
-    layers, terms = alignment_tables(out)
+    layers, terms, first_order = alignment_tables(out)
+    assert sorted(first_order.step.unique()) == [0, 2, 4, 6] and set(first_order.student_layer) == {2}
     assert sorted(layers.step.unique()) == sorted(terms.step.unique()) == [0, 2, 4, 6]
     assert set(terms.term) == {"forward", "reverse", "all_to_one", "shuffle", "rail", "kl"}
     assert layers.cosine.between(-1 - 1e-9, 1 + 1e-9).all() and terms.cosine_with_ce.between(-1 - 1e-9, 1 + 1e-9).all()
