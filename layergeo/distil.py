@@ -146,7 +146,8 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     _, match = _teacher_needs(mapping, config)
     unused_projections = len(student.projections) > 0 and not match  # kept for the geometry, never trained
     accelerator = make_accelerator(device, find_unused_parameters=unused_projections)
-    probe = geometry_trace(config, run, family, teacher, student, tokenizer, mapping, device, accelerator, env)
+    probe = geometry_trace(config, run, family, teacher, student, tokenizer, mapping, device, accelerator, env,
+                           total_steps(student_optim(config), len(encoded["train"])))
     if cache is not None and device.type == "cuda":
         teacher.cpu()  # only its config is needed from here on (the trace holds the teacher's probe states)
     if accelerator.distributed_type == DistributedType.FSDP and len(student.projections):
@@ -182,9 +183,11 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
 
 
 def geometry_trace(config: RunConfig, run: RunDir, family, teacher, student: Student, tokenizer, mapping: StackMapping,
-                   device: torch.device, accelerator: Accelerator, env: dict) -> GeometryTrace | None:
+                   device: torch.device, accelerator: Accelerator, env: dict, total: int) -> GeometryTrace | None:
     """The run's geometry trace (``config.trace``), on the main process; None when it is off, on the other
-    processes, or under FSDP (whose sharded student cannot run a forward pass on one process). env.json says which."""
+    processes, or under FSDP (whose sharded student cannot run a forward pass on one process). env.json says which.
+    The trace sees the matching as trained (``rail_draws`` turned into the period of this run's ``total`` steps), so
+    its RAIL pull is the run's own draw."""
     if not config.trace.examples:
         env["trace"] = {"used": False, "why": "trace.examples is 0"}
         return None
@@ -197,7 +200,8 @@ def geometry_trace(config: RunConfig, run: RunDir, family, teacher, student: Stu
     env["trace"] = {"used": True, "examples": config.trace.examples, "probes": config.trace.probes, "every": config.trace.every}
     if not accelerator.is_main_process:
         return None
-    return GeometryTrace(run, live_run(run, config, family, teacher, student, tokenizer, mapping.name), config.trace, device,
+    trained = dataclasses.replace(config, matching=rail_schedule(config.matching, total))
+    return GeometryTrace(run, live_run(run, trained, family, teacher, student, tokenizer, mapping.name), config.trace, device,
                          cost=env["trace"])  # env.json's trace.seconds: the trace's own time in this sitting
 
 

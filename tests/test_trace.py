@@ -133,3 +133,23 @@ def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint
     g1, g3 = pull(1), pull(3)
     row = layers[(layers.step == 6) & (layers.student_layer == 1) & (layers.teacher_i == 1) & (layers.teacher_k == 3)]
     assert row.cosine.item() == pytest.approx(float(g1 @ g3 / (g1.norm() * g3.norm())), abs=1e-5)
+
+
+def test_the_rail_pull_of_the_gradient_probe_is_the_runs_own_draw(traced, tmp_path, monkeypatch):
+    probes = []
+
+    class Kept(train_module.GeometryTrace):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            probes.append(self)
+
+    monkeypatch.setattr(train_module, "GeometryTrace", Kept)
+    out = tmp_path / "rail"
+    assert _train(out, traced / "teacher", *SETTINGS, "matching.strategy=rail", "matching.rail_draws=3",
+                  "trace.gradients=true", "trace.examples=6") == 0
+    draws = read_jsonl(out / "mapping.jsonl")
+    assert len(draws) == 3
+    rail = probes[0].gradients.mappings["rail"]
+    for step in range(6):
+        current = [d for d in draws if d["step"] <= step][-1]["pairs"]
+        assert [list(p) for p in rail.pairs_at(0, step)["encoder"]] == current
