@@ -105,7 +105,13 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
                             f"its teacher {vocab['teacher']}; they must share one")
     mappings = run.mappings()
     strategy = mappings[0]["strategy"] if mappings else config.matching.strategy
-    teacher_depths, student_depths = family.depths(teacher.config), family.depths(student.model.config)
+    stacks = stack_views(family, teacher.config, student.model.config, mappings)
+    return LoadedRun(run, config, checkpoint, family, teacher.eval(), student.eval(), tokenizer, strategy, stacks)
+
+
+def stack_views(family: Family, teacher_config, student_config, mappings: list[dict]) -> dict[str, StackView]:
+    """Each stack's depths, the pairs of every logged mapping (``mapping.jsonl`` records) and the forward pairs."""
+    teacher_depths, student_depths = family.depths(teacher_config), family.depths(student_config)
     stacks = {}
     for stack in family.stacks:
         logged = [m["pairs"] if isinstance(m["pairs"], list) else m["pairs"].get(stack, []) for m in mappings]
@@ -113,7 +119,12 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
         n_teacher, n_student = teacher_depths[stack], student_depths[stack]
         forward = [(j + 1, t) for j, t in enumerate(forward_targets(n_teacher, n_student))]
         stacks[stack] = StackView(stack, n_teacher, n_student, matched, forward)
-    return LoadedRun(run, config, checkpoint, family, teacher.eval(), student.eval(), tokenizer, strategy, stacks)
+    return stacks
+
+
+def token_states(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """A stack's L+1 states (B, T, d) each, at the positions of ``mask`` (B, T): (N, L+1, d) float32."""
+    return torch.stack([h[mask.bool()] for h in hidden], 1).float()
 
 
 def _check_teacher_identity(run: RunDir, checkpoint: Path) -> None:
@@ -174,8 +185,7 @@ def hidden_states(loaded: LoadedRun, loader, device: torch.device) -> Iterator[d
         teacher = family.hidden_states(loaded.teacher(**inputs, output_hidden_states=True))
         student = family.hidden_states(loaded.student(**inputs))
         masks = family.masks(batch)
-        yield {stack: (torch.stack([h[masks[stack].bool()] for h in teacher[stack]], 1).float(),
-                       torch.stack([h[masks[stack].bool()] for h in student[stack]], 1).float())
+        yield {stack: (token_states(teacher[stack], masks[stack]), token_states(student[stack], masks[stack]))
                for stack in family.stacks}
 
 

@@ -12,6 +12,7 @@ states the numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from layergeo.analyse import acute_fraction, expand_runs, mean_thales_ratio, poo
 from layergeo.errors import LayergeoError
 from layergeo.report import PERCENT
 from layergeo.runs import RunDir, read_jsonl, write_text
-from layergeo.strategies import forward_targets
+from layergeo.strategies import MappingOptions, build_mapping, forward_targets
 from layergeo.trace import TOKEN, alignment_tables, trace_tables
 
 
@@ -35,11 +36,11 @@ def deep_geometry(angles: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def matched_at(run: RunDir, stacks: list[str]) -> dict[str, list[tuple[int, dict[int, int]]]]:
-    """Per stack, the mappings the run trained: [(first step, {student layer >= 1: teacher layer})] (a one-stack
-    run logs a plain list of pairs: it is ``stacks[0]``'s)."""
+def matched_at(logged: list[dict], stacks: list[str]) -> dict[str, list[tuple[int, dict[int, int]]]]:
+    """Per stack, the mappings a run trained (its mapping.jsonl records): [(first step, {student layer >= 1: teacher
+    layer})] (a one-stack run logs a plain list of pairs: it is ``stacks[0]``'s)."""
     out: dict[str, list] = {}
-    for record in run.mappings():
+    for record in logged:
         pairs = record["pairs"] if isinstance(record["pairs"], dict) else {stacks[0]: record["pairs"]}
         for stack, stack_pairs in pairs.items():
             out.setdefault(stack, []).append((record["step"], {s: t for s, t in stack_pairs if s >= 1}))
@@ -80,14 +81,34 @@ def token_plane(token: pd.DataFrame, stack: str, layer: int, pair: tuple[int, in
     e1 = t[k] - t[i]
     e1 /= np.linalg.norm(e1)
     rest = s[-1] - t[i] - (s[-1] - t[i]) @ e1 * e1
-    e2 = rest / np.linalg.norm(rest) if np.linalg.norm(rest) > 0 else np.roll(e1, 1)
+    if np.linalg.norm(rest) == 0:  # the last state on the pair's line: any direction orthogonal to it
+        axis = np.eye(len(e1))[np.argmin(np.abs(e1))]
+        rest = axis - axis @ e1 * e1
+    e2 = rest / np.linalg.norm(rest)
     plane = lambda x: np.stack([(x - t[i]) @ e1, (x - t[i]) @ e2], -1)
     return {"teacher": plane(t), "student": plane(s), "steps": student.step.tolist(),
             "centre": plane((t[i] + t[k]) / 2), "radius": float(np.linalg.norm(t[k] - t[i]) / 2), "pair": pair}
 
 
-def explain_run(path: str | Path, out: Path | None = None) -> Path:
-    """Write explain.png/.pdf and explain.md for one run (into ``<run>/explain/`` by default)."""
+@dataclass
+class RunTrace:
+    """What the pages read from one run: its identity and its trace tables, the stacks' depths (teacher, student)
+    from the traced rows, the deep geometry and the matched / unmatched distances per stack and step."""
+
+    run: RunDir
+    strategy: str
+    init: str
+    seed: int
+    depths: dict[str, tuple[int, int]]
+    geometry: pd.DataFrame
+    distances: pd.DataFrame
+    layers: pd.DataFrame
+    terms: pd.DataFrame
+    first_order: pd.DataFrame
+
+
+def read_trace(path: str | Path) -> RunTrace:
+    """A student run's trace, or one line saying why there is none."""
     run = RunDir(path)
     if not run.path.is_dir() or run.kind() != "student":
         raise LayergeoError(f"{run.path} is not a student run directory; give one written by layergeo train")
@@ -95,30 +116,35 @@ def explain_run(path: str | Path, out: Path | None = None) -> Path:
     if angles.empty:
         raise LayergeoError(f"{run.path} has no geometry trace (trace_angles.jsonl): it was trained with trace.examples=0 "
                             "or before layergeo traced runs; train it again with the default trace settings")
-    out = out or run.path / "explain"
-    config = run.config()
+    config, logged = run.config(), run.mappings()
     depths = {stack: (int(g.teacher_k.max()), int(g.student_layer.max())) for stack, g in angles.groupby("stack", sort=False)}
-    geometry = deep_geometry(angles)
-    mappings = matched_at(run, list(depths))
-    dist = matched_distances(distances, mappings, depths)
-    token = pd.DataFrame(read_jsonl(run.path / TOKEN))
-    stack = next(iter(depths))
-    lt, ls = depths[stack]
-    reverse = lt // ls if lt >= ls else 1
-    planes = token_plane(token, stack, ls, (lt, max(1, reverse))) if not token.empty and lt > 1 else None
-    layers, terms, first_order = alignment_tables(run.path)
-    strategy = run.mappings()[0]["strategy"] if run.mappings() else config.matching.strategy
-    title = f"{run.path.name}: {plots.strategy_label(strategy)}, {plots.INIT_LABELS.get(config.student.init, config.student.init).lower()}"
-    plots.save_figure(plots.explain_page(geometry, dist, planes, layers, terms, title), out / "explain")
-    write_text(out / "explain.md", summary_text(run, strategy, geometry, dist, terms, planes, first_order) + "\n")
-    for name, table in (("geometry_over_training", geometry), ("distances_over_training", dist)):
+    return RunTrace(run, logged[0]["strategy"] if logged else config.matching.strategy, config.student.init, config.seed,
+                    depths, deep_geometry(angles), matched_distances(distances, matched_at(logged, list(depths)), depths),
+                    *alignment_tables(run.path))
+
+
+def explain_run(path: str | Path, out: Path | None = None) -> Path:
+    """Write explain.png/.pdf and explain.md for one run (into ``<run>/explain/`` by default)."""
+    trace = read_trace(path)
+    out = out or trace.run.path / "explain"
+    token = pd.DataFrame(read_jsonl(trace.run.path / TOKEN))
+    stack = next(iter(trace.depths))
+    lt, ls = trace.depths[stack]
+    # the plane of the last student layer's forward target (T_L) and its reverse target
+    reverse = dict(build_mapping(MappingOptions("reverse"), {stack: (lt, ls)}).pairs_at()[stack])[ls]
+    planes = token_plane(token, stack, ls, (lt, reverse)) if not token.empty and reverse != lt else None
+    title = f"{trace.run.path.name}: {plots.strategy_label(trace.strategy)}, {plots.INIT_LABELS.get(trace.init, trace.init).lower()}"
+    plots.save_figure(plots.explain_page(trace.geometry, trace.distances, planes, trace.layers, trace.terms, title), out / "explain")
+    write_text(out / "explain.md", summary_text(trace, planes) + "\n")
+    for name, table in (("geometry_over_training", trace.geometry), ("distances_over_training", trace.distances)):
         write_text(out / f"{name}.csv", table.to_csv(index=False))
     return out
 
 
-def summary_text(run: RunDir, strategy: str, geometry: pd.DataFrame, dist: pd.DataFrame, terms: pd.DataFrame,
-                 planes: dict | None, first_order: pd.DataFrame | None = None) -> str:
+def summary_text(trace: RunTrace, planes: dict | None) -> str:
     """What the run shows, in sentences with its numbers (first stack when there are several)."""
+    run, strategy, geometry, dist, terms, first_order = (trace.run, trace.strategy, trace.geometry, trace.distances,
+                                                         trace.terms, trace.first_order)
     results = run.results() if run.finished else {}
     stack = geometry["stack"].iloc[0]
     g = geometry[geometry["stack"] == stack].sort_values("step")
@@ -147,7 +173,7 @@ def summary_text(run: RunDir, strategy: str, geometry: pd.DataFrame, dist: pd.Da
                                       for r in frame.itertuples())
         lines.append(f"- Cosine of each pull's parameter gradient with the task's (CE, held-out batch) gradient at step "
                      f"{int(t0.step.iloc[0])}: {fmt(t0)}; at step {int(t1.step.iloc[0])}: {fmt(t1)}.")
-    if first_order is not None and not first_order.empty:
+    if not first_order.empty:
         other = first_order[first_order.toward != first_order.teacher_layer]
         agree = {view: float((np.sign(other[view]) == np.sign(other.realised)).mean()) for view in ("param_view", "state_view")}
         lines.append(f"- First-order check (S{int(other.student_layer.max())}, a parameter step of 1e-5 |θ| toward each teacher "
@@ -169,21 +195,13 @@ def _change(before: float, after: float) -> str:
 def run_trace_summary(path: Path) -> pd.DataFrame:
     """One run's trace per step (first stack): frac_acute, thales_ratio, matched, unmatched and, with gradient
     traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none)."""
-    run = RunDir(path)
-    angles, distances = trace_tables(run.path)
-    if angles.empty:
-        raise LayergeoError(f"{run.path} has no geometry trace (trace_angles.jsonl); compare runs trained with the trace on")
-    depths = {stack: (int(g.teacher_k.max()), int(g.student_layer.max())) for stack, g in angles.groupby("stack", sort=False)}
-    stack = next(iter(depths))
-    geometry = deep_geometry(angles)
-    table = geometry[geometry["stack"] == stack].merge(
-        matched_distances(distances, matched_at(run, list(depths)), depths), on=["stack", "step"])
-    config = run.config()
-    strategy = run.mappings()[0]["strategy"] if run.mappings() else config.matching.strategy
-    _, terms, _ = alignment_tables(run.path)
-    own = terms[terms.term == strategy].set_index("step").cosine_with_ce if not terms.empty else pd.Series(dtype=float)
-    return table.assign(own_pull_vs_ce=table.step.map(own), run=run.path.name, strategy=strategy,
-                        init=config.student.init, seed=config.seed)
+    trace = read_trace(path)
+    stack = next(iter(trace.depths))
+    table = trace.geometry[trace.geometry["stack"] == stack].merge(trace.distances, on=["stack", "step"])
+    terms = trace.terms
+    own = terms[terms.term == trace.strategy].set_index("step").cosine_with_ce if not terms.empty else pd.Series(dtype=float)
+    return table.assign(own_pull_vs_ce=table.step.map(own), run=trace.run.path.name, strategy=trace.strategy,
+                        init=trace.init, seed=trace.seed)
 
 
 def explain_runs(paths: list[str], out: Path) -> Path:

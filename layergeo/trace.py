@@ -28,14 +28,14 @@ import torch
 
 from layergeo.alignment import cosines_with, first_order_check, flat_gradient, layer_alignment, strategy_pulls
 from layergeo.analyse import AngleOptions, RunGeometry
-from layergeo.collect import LoadedRun, StackView, texts_loader
+from layergeo.collect import LoadedRun, stack_views, texts_loader, token_states
 from layergeo.config import RunConfig, TraceConfig
 from layergeo.families import Family
 from layergeo.geometry import MeanDistance
 from layergeo.models import Student
 from layergeo.runs import RunDir, append_jsonl_rows, read_jsonl, truncate_jsonl
 from layergeo.errors import LayergeoError
-from layergeo.strategies import build_mapping, forward_targets
+from layergeo.strategies import build_mapping
 
 ANGLES, DISTANCES = "trace_angles.jsonl", "trace_distances.jsonl"
 LAYER_ALIGNMENT, TERM_ALIGNMENT = "trace_layer_alignment.jsonl", "trace_term_alignment.jsonl"  # with trace.gradients
@@ -58,9 +58,9 @@ class GeometryTrace:
     def __init__(self, run: RunDir, loaded: LoadedRun, settings: TraceConfig, device: torch.device, cost: dict | None = None):
         """``cost``: a dict (the run's env.json entry) whose "seconds" this trace keeps up to date: its own time."""
         started = time.perf_counter()
-        self.run, self.loaded, self.device = run, loaded, device
+        self.run, self.loaded = run, loaded
         self.cost = cost if cost is not None else {}
-        loader, self.n_examples, _ = texts_loader(loaded, "dev", max_examples=settings.examples)
+        loader, _, _ = texts_loader(loaded, "dev", max_examples=settings.examples)
         family = loaded.family
         self.batches, self.teacher_states = [], []
         with torch.inference_mode():
@@ -68,8 +68,7 @@ class GeometryTrace:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 masks = family.masks(batch)
                 teacher = family.hidden_states(loaded.teacher(**family.inputs(batch), output_hidden_states=True))
-                self.teacher_states.append({stack: torch.stack([h[masks[stack].bool()] for h in teacher[stack]], 1).float()
-                                            for stack in family.stacks})
+                self.teacher_states.append({stack: token_states(teacher[stack], masks[stack]) for stack in family.stacks})
                 self.batches.append(batch)
         self.options = AngleOptions(max_examples=settings.examples)
         self.settings = settings
@@ -102,7 +101,7 @@ class GeometryTrace:
             student = family.hidden_states(loaded.student(**family.inputs(batch)))
             for stack, geometry in geometries.items():
                 teacher = teacher_states[stack]
-                states = torch.stack([h[masks[stack].bool()] for h in student[stack]], 1).float()
+                states = token_states(student[stack], masks[stack])
                 geometry.update(teacher, states)
                 projected = torch.stack([loaded.student.project(l, states[:, l], stack) for l in geometry.anchors], 1)
                 distances[stack].update(teacher, projected)
@@ -140,7 +139,7 @@ class GradientProbe:
     for the cross-entropy gradient they are compared with. The student runs in eval mode (no dropout)."""
 
     def __init__(self, loaded: LoadedRun, examples: int, device: torch.device):
-        self.loaded, self.device = loaded, device
+        self.loaded = loaded
         loader, _, _ = texts_loader(loaded, "dev", max_examples=2 * examples, batch_size=examples)
         batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
         if len(batches) < 2:
@@ -152,12 +151,16 @@ class GradientProbe:
             out = loaded.teacher(**family.inputs(self.pull_batch), output_hidden_states=True)
             masks = family.masks(self.pull_batch)
             self.teacher_logits = out.logits.float().clone()
-            self.teacher_states = {stack: torch.stack([h[masks[stack].bool()] for h in states], 1).float().clone()
+            self.teacher_states = {stack: token_states(states, masks[stack]).clone()
                                    for stack, states in family.hidden_states(out).items()}
         config = loaded.config
         depths = {stack: (view.teacher_layers, view.student_layers) for stack, view in loaded.stacks.items()}
         self.mappings = {name: build_mapping(dataclasses.replace(config.matching, strategy=name), depths, config.seed)
                          for name in STRATEGIES}
+
+    def _projected(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, stack: str) -> list[torch.Tensor]:
+        """W S_j at the counted positions, (N, d) per student layer j, in the autograd graph."""
+        return [self.loaded.student.project(l, h[mask.bool()].float(), stack) for l, h in enumerate(hidden)]
 
     def measure(self, step: int, epoch: int) -> tuple[list[dict], list[dict], list[dict]]:
         """(layer rows: step, stack, student_layer, teacher_i, teacher_k, cosine; term rows: step, term, cosine_with_ce;
@@ -174,7 +177,7 @@ class GradientProbe:
             layer_rows, pulls, first_order = [], [], []
             targets = {name: {} for name in STRATEGIES}
             for stack, hidden in family.hidden_states(out).items():
-                states = [student.project(l, h[masks[stack].bool()].float(), stack) for l, h in enumerate(hidden)]
+                states = self._projected(hidden, masks[stack], stack)
                 teacher = self.teacher_states[stack]
                 for j, matrix in layer_alignment(states, teacher, params, range(1, len(states))).items():
                     layer_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_i": i, "teacher_k": k,
@@ -185,8 +188,7 @@ class GradientProbe:
             for stack in self.teacher_states:  # last: it steps the parameters in place, which the graphs above read
 
                 def states_fn(stack=stack):
-                    hidden = family.hidden_states(student(**family.inputs(self.pull_batch)))[stack]
-                    return [student.project(l, h[masks[stack].bool()].float(), stack) for l, h in enumerate(hidden)]
+                    return self._projected(family.hidden_states(student(**family.inputs(self.pull_batch)))[stack], masks[stack], stack)
 
                 last = loaded.stacks[stack].student_layers
                 first_order += [{"step": step, "stack": stack, **row}
@@ -199,14 +201,9 @@ class GradientProbe:
 
 
 def live_run(run: RunDir, config: RunConfig, family: Family, teacher, student: Student, tokenizer, strategy: str) -> LoadedRun:
-    """A run being trained, seen as ``load_run`` sees a saved one (the matched pairs left empty: not needed here)."""
-    teacher_depths, student_depths = family.depths(teacher.config), family.depths(student.model.config)
-    views = {}
-    for stack in family.stacks:
-        n_teacher, n_student = teacher_depths[stack], student_depths[stack]
-        forward = [(j + 1, t) for j, t in enumerate(forward_targets(n_teacher, n_student))]
-        views[stack] = StackView(stack, n_teacher, n_student, [], forward)
-    return LoadedRun(run, config, "live", family, teacher, student, tokenizer, strategy, views)
+    """A run being trained, seen as ``load_run`` sees a saved one (no mapping logged yet: no matched pairs)."""
+    return LoadedRun(run, config, "live", family, teacher, student, tokenizer, strategy,
+                     stack_views(family, teacher.config, student.model.config, []))
 
 
 def trace_tables(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
