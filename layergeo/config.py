@@ -50,6 +50,9 @@ class OptimConfig:
     eval_steps: list[int] | None = None  # also evaluate on dev at these steps (budgets: one run, several budgets)
     eval_test: bool = False  # at every dev evaluation also evaluate test (logged, never used to select a checkpoint)
     log_every: int = 10
+    # accelerate trackers that also receive the logged scalars, e.g. [tensorboard] (writes <run>/trackers/;
+    # wandb, trackio, mlflow, ... when installed): see layergeo/tracking.py. Null = none; metrics.jsonl either way.
+    log_with: list[str] | None = None
     early_stop: int | None = None  # stop after N evaluations without a better dev metric
     # Student runs only: run the teacher once over the train split and read its logits and matched hidden
     # states from a memory-mapped cache under <teacher run>/cache/, shared by every run of a sweep with that

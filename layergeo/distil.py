@@ -28,6 +28,7 @@ from layergeo.processes import check_batch_size, distributed_state, make_acceler
 from layergeo.runs import RunDir, atomic_dir
 from layergeo.strategies import StackMapping, build_mapping, copy_targets, rail_schedule
 from layergeo.trace import GeometryTrace, live_run
+from layergeo.tracking import tracked, tracker_settings
 from layergeo.teacher import (
     check_adapters, check_max_length, encode_splits, family_of, fine_tune_teacher, loaders, owns_teacher, teacher_model_config,
     teacher_run_dir,
@@ -145,7 +146,8 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
     env["teacher_cache"] = cache.describe() if cache is not None else {"used": False}
     _, match = _teacher_needs(mapping, config)
     unused_projections = len(student.projections) > 0 and not match  # kept for the geometry, never trained
-    accelerator = make_accelerator(device, find_unused_parameters=unused_projections)
+    accelerator = make_accelerator(device, find_unused_parameters=unused_projections,
+                                   **tracker_settings(config.train.log_with, run))
     probe = geometry_trace(config, run, family, teacher, student, tokenizer, mapping, device, accelerator, env,
                            total_steps(student_optim(config), len(encoded["train"])))
     if cache is not None and device.type == "cuda":
@@ -165,7 +167,8 @@ def distil_student(config: RunConfig, out: Path, resume: bool = False) -> dict:
                 metric=family.metric, optim=student_optim(config), device=device,
                 seed=config.seed, mapper=mapping, env=env, probe=probe,
                 term_weights={"ce": loss.alpha_ce, "kl": loss.alpha_kl, "hidden": loss.alpha_hidden})
-    loop_state = fit(loop, resume)
+    with tracked(accelerator, config, run):
+        loop_state = fit(loop, resume)
 
     def evaluate_best():
         best, _ = Student.load(run.checkpoint("best"), family.width(teacher.config), family)

@@ -45,6 +45,7 @@ def check_run(kind: str, config: RunConfig, out: Path, resume: bool, overwrite: 
     """
     from layergeo.distil import validate_student_config
     from layergeo.teacher import validate_teacher_config
+    from layergeo.tracking import check_trackers
 
     check_out_dir(out, resume, overwrite)
     run = RunDir(out)
@@ -56,6 +57,9 @@ def check_run(kind: str, config: RunConfig, out: Path, resume: bool, overwrite: 
             shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
             raise LayergeoError(f"--resume with a configuration that differs from {run.config_file} ({shown}); resume "
                                 f"without --config/--preset/--set, or start a new run in another --out")
+    check_trackers(config.teacher.train.log_with, "teacher.train.log_with")
+    if kind == "train":
+        check_trackers(config.train.log_with, "train.log_with")
     if kind == "teacher":
         validate_teacher_config(config)
     else:

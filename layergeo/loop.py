@@ -88,10 +88,11 @@ class LoopState:
 
 
 class Probe(Protocol):
-    """Something measured along training from the live model (the geometry trace)."""
+    """Something measured along training from the live model (the geometry trace). ``record`` writes its
+    rows and returns a few summary scalars for the trackers (``layergeo.tracking``)."""
 
     def steps(self, total: int) -> set[int]: ...
-    def record(self, step: int, epoch: int = 0) -> None: ...
+    def record(self, step: int, epoch: int = 0) -> dict[str, float]: ...
     def forget_after(self, step: int) -> None: ...
 
 
@@ -182,7 +183,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
     if probe_at:
         loop.probe.forget_after(state.step)
         if state.step == 0:
-            loop.probe.record(0)
+            acc.log(loop.probe.record(0), step=0)
     model, optimizer, scheduler = acc.prepare(loop.module, optimizer, scheduler)
     step_losses = loop.step_losses_for(torch.compile(model) if optim.compile else model)
     splits = ["dev", "test"] if optim.eval_test else ["dev"]
@@ -226,7 +227,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                 state.step_in_epoch = i + 1
                 bar.update(1)
                 if state.step in probe_at:  # before this step's state can be saved: a resume measures it again
-                    loop.probe.record(state.step, state.epoch)
+                    acc.log(loop.probe.record(state.step, state.epoch), step=state.step)
                 evaluate_now = state.step % eval_every == 0 or state.step in eval_steps or state.step == total
                 if log_now or evaluate_now:  # before anything is logged or saved from this state
                     _stop_unless_finite(finite, sums, state.step, window, acc)
@@ -235,8 +236,10 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     values = torch.stack([*sums.values(), *(v.detach().float() for v in term_norms.values())])
                     values = acc.reduce(values, "mean").tolist()  # mean over processes
                     record = {k: v / window if k in sums else v for k, v in zip(names, values)}
+                    lr = scheduler.get_last_lr()[0]
                     if main:
-                        append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "lr": scheduler.get_last_lr()[0], **record})
+                        append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "lr": lr, **record})
+                    acc.log({f"train/{k}": v for k, v in {"lr": lr, **record}.items()}, step=state.step)  # trackers, if any
                     bar.set_postfix(loss=f"{record['loss']:.3f}", **best)
                     sums, window = {}, 0
                 if evaluate_now:
@@ -244,6 +247,8 @@ def fit(loop: Loop, resume: bool) -> LoopState:
                     if main:
                         for split, values in evaluated.items():
                             append_jsonl(loop.run.metrics_file, {"step": state.step, "epoch": state.epoch, "split": split, **values})
+                    acc.log({f"{split}/{k}": v for split, values in evaluated.items() for k, v in values.items()
+                             if isinstance(v, (int, float))}, step=state.step)
                     metrics = evaluated["dev"]
                     if metrics[loop.metric] > state.best_metric:
                         state.best_metric, state.best_step, state.evals_since_best = metrics[loop.metric], state.step, 0
@@ -268,7 +273,7 @@ def fit(loop: Loop, resume: bool) -> LoopState:
             loader.end()  # unregister it from accelerate's state even when we leave it early
     bar.close()
     if probe_at and state.step not in probe_at:  # an early stop: the last state is measured too
-        loop.probe.record(state.step, state.epoch)
+        acc.log(loop.probe.record(state.step, state.epoch), step=state.step)
     return state
 
 

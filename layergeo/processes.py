@@ -63,12 +63,14 @@ def distributed_state(spec: str) -> tuple[PartialState, torch.device]:
     return state, device
 
 
-def make_accelerator(device: torch.device, find_unused_parameters: bool = False) -> Accelerator:
-    """The run's Accelerator: split batches (global batch = ``batch_size``), no accelerate autocast."""
+def make_accelerator(device: torch.device, find_unused_parameters: bool = False, **trackers) -> Accelerator:
+    """The run's Accelerator: split batches (global batch = ``batch_size``), no accelerate autocast.
+
+    ``trackers``: ``log_with`` and ``project_config`` (``layergeo.tracking.tracker_settings``), or nothing."""
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     return Accelerator(
         cpu=device.type == "cpu", mixed_precision="no", kwargs_handlers=handlers,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        dataloader_config=DataLoaderConfiguration(split_batches=True), **trackers,
     )
 
 

@@ -20,6 +20,7 @@ from layergeo.families import Family, get_family
 from layergeo.loop import Loop, StepLosses, finish_run, fit, start_env
 from layergeo.processes import EVAL_BATCH_SIZE, check_batch_size, distributed_state, eval_batch_size, make_accelerator
 from layergeo.runs import RunDir
+from layergeo.tracking import tracked, tracker_settings
 
 
 def family_of(config: RunConfig) -> Family:
@@ -115,7 +116,7 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
     model.to(device)
     encoded = encode_splits(config, family, task, tokenizer, model.config)
     eval_loader, during = loaders(family, encoded, tokenizer, model, state.num_processes)
-    accelerator = make_accelerator(device)
+    accelerator = make_accelerator(device, **tracker_settings(config.teacher.train.log_with, run))
 
     def step_losses_for(module: nn.Module) -> StepLosses:
         def step_losses(batch, epoch, step):
@@ -132,7 +133,8 @@ def fine_tune_teacher(config: RunConfig, out: Path, resume: bool = False) -> dic
                 collate=family.collator(tokenizer, model),
                 evaluate=lambda m, loader: family.evaluate(m, loader, device, config, tokenizer, accelerator),
                 metric=family.metric, optim=config.teacher.train, device=device, seed=config.seed, env=env)
-    loop_state = fit(loop, resume)
+    with tracked(accelerator, config, run):
+        loop_state = fit(loop, resume)
 
     def evaluate_best():
         best, _ = family.load_checkpoint(run.checkpoint("best"))

@@ -78,18 +78,23 @@ class GeometryTrace:
     def steps(self, total: int) -> set[int]:
         return probe_steps(self.settings, total)
 
-    def record(self, step: int, epoch: int = 0) -> None:
+    def record(self, step: int, epoch: int = 0) -> dict[str, float]:
+        """Append this step's rows; returns their summary for the trackers: per stack the mean acute fraction,
+        Thales ratio and distance over its (student layer, teacher layer or pair) rows, and with
+        ``trace.gradients`` each term's cosine with the cross-entropy gradient."""
         started = time.perf_counter()
-        self._record_geometry(step)
+        summary = self._record_geometry(step)
         if self.gradients is not None:
             layers, terms, first_order = self.gradients.measure(step, epoch)
             append_jsonl_rows(self.run.path / LAYER_ALIGNMENT, layers)
             append_jsonl_rows(self.run.path / TERM_ALIGNMENT, terms)
             append_jsonl_rows(self.run.path / FIRST_ORDER, first_order)
+            summary |= {f"trace/cosine_with_ce/{row['term']}": row["cosine_with_ce"] for row in terms}
         self.cost["seconds"] = round(self.cost.get("seconds", 0.0) + time.perf_counter() - started, 3)
+        return summary
 
     @torch.inference_mode()
-    def _record_geometry(self, step: int) -> None:
+    def _record_geometry(self, step: int) -> dict[str, float]:
         loaded, family = self.loaded, self.loaded.family
         was_training = loaded.student.training
         loaded.student.eval()
@@ -114,19 +119,23 @@ class GeometryTrace:
                                        for i in range(geometry.n_teacher)]
         loaded.student.train(was_training)
         append_jsonl_rows(self.run.path / TOKEN, token_rows)
-        angle_rows, distance_rows = [], []
+        angle_rows, distance_rows, summary = [], [], {}
         for stack, geometry in geometries.items():
             angles = geometry.angles.to_frame().rename(columns={"anchor": "student_layer"})
             angles = angles[angles.student_layer.isin(geometry.anchors)]
             angle_rows.append(angles[["student_layer", "teacher_i", "teacher_k", "n_tokens", "frac_acute", "mean_thales_ratio"]]
                               .assign(step=step, stack=stack))
             mean = distances[stack].mean()  # (teacher layers, anchors)
+            summary |= {f"trace/{stack}/frac_acute": float(angle_rows[-1].frac_acute.mean()),
+                        f"trace/{stack}/mean_thales_ratio": float(angle_rows[-1].mean_thales_ratio.mean()),
+                        f"trace/{stack}/distance": float(mean.mean())}
             distance_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_layer": i, "distance": float(mean[i, a])}
                               for a, j in enumerate(geometry.anchors) for i in range(geometry.n_teacher)]
         angles = pd.concat(angle_rows, ignore_index=True)
         angles = angles[["step", "stack", *angles.columns[:-2]]].astype(object).where(angles.notna(), None)
         append_jsonl_rows(self.run.path / ANGLES, angles.to_dict("records"))
         append_jsonl_rows(self.run.path / DISTANCES, distance_rows)
+        return summary
 
     def forget_after(self, step: int) -> None:
         """Drop the rows of probes after ``step`` (a resumed run measures them again); all rows when step is 0."""

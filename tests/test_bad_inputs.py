@@ -141,6 +141,9 @@ for key, value in [("seed", "-1"), ("data.max_length", "0"), ("data.max_train", 
 case("train-set-rail-draws-and-period", "train", *TINY, "--set", "matching.rail_draws=4", "--set",
      "matching.rail_every_steps=2", "--out", "{tmp}/out")
 case("train-set-lora-on-an-encoder", "train", *TINY, "--set", "student.lora.r=8", "--out", "{tmp}/out")
+case("train-set-unknown-tracker", "train", *TINY, "--set", "train.log_with=tensorbored", "--out", "{tmp}/out")
+case("train-set-tracker-not-installed", "train", *TINY, "--set", "train.log_with=aim", "--out", "{tmp}/out")
+case("teacher-set-unknown-tracker", "teacher", *TINY, "--set", "teacher.train.log_with=[none]", "--out", "{tmp}/out")
 case("train-set-all-alphas-zero", "train", *TINY, "--set", "loss.alpha_ce=0", "--set", "loss.alpha_kl=0",
      "--set", "loss.alpha_hidden=0", "--out", "{tmp}/out")
 

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from layergeo.cli import main
 from layergeo.runs import read_jsonl
@@ -56,9 +57,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train(out: Path, teacher: Path, processes: int, preset: str = "tiny") -> subprocess.CompletedProcess:
+def _train(out: Path, teacher: Path, processes: int, preset: str = "tiny", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     args = ["-m", "layergeo.cli", "train", "--preset", preset, "--out", str(out), "--set", f"teacher.dir={teacher}"]
-    for item in SETTINGS:
+    for item in (*SETTINGS, *extra):
         args += ["--set", item]
     if processes > 1:
         args = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -72,7 +73,7 @@ def test_two_processes_give_the_mapping_and_losses_of_one(teacher, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     single = _train(one, teacher, 1)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _train(two, teacher, 2)
+    double = _train(two, teacher, 2, extra=("train.log_with=tensorboard",))  # trackers: on the main process only
     assert double.returncode == 0, double.stderr[-3000:]
 
     assert json.loads((one / "env.json").read_text())["processes"] == 1
@@ -94,6 +95,10 @@ def test_two_processes_give_the_mapping_and_losses_of_one(teacher, tmp_path):
     dev = {n: [r for r in m if r.get("split") == "dev"] for n, m in metrics.items()}
     assert [r["step"] for r in dev["two"]] == [2, 4]
     assert dev["two"] == dev["one"]  # predictions gathered from both processes: all 64 examples, once each
+    (logged,) = (two / "trackers").iterdir()  # one writer, the main process's
+    events = EventAccumulator(str(logged))
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx({r["step"]: r["loss"] for r in steps["two"]}, rel=1e-6)
 
     # results.json: written once (by the main process), complete
     results = json.loads((two / "results.json").read_text())
