@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from layergeo.columns import metric_columns
 from layergeo.families import get_family
 from layergeo.runs import read_json, read_jsonl
 
@@ -42,8 +43,6 @@ def selected_at_budgets(evaluations: pd.DataFrame, budgets: list[int], metric: s
 def run_evaluations(run: Path) -> pd.DataFrame:
     """The dev and test evaluations a run logged: one row per step, columns step, dev_* and test_* (in %
     for fractions, as ``layergeo report`` writes them); test columns only where the run evaluated test."""
-    from layergeo.report import metric_columns
-
     by_step: dict[int, dict] = {}
     for record in read_jsonl(run / "metrics.jsonl"):
         split = record.get("split")

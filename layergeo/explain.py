@@ -21,7 +21,7 @@ import pandas as pd
 from layergeo import plots
 from layergeo.analyse import acute_fraction, expand_runs, mean_thales_ratio, pooled_settings
 from layergeo.errors import LayergeoError
-from layergeo.report import PERCENT
+from layergeo.columns import PERCENT
 from layergeo.runs import RunDir, read_jsonl, write_text
 from layergeo.strategies import MappingOptions, build_mapping, forward_targets
 from layergeo.trace import TOKEN, alignment_tables, trace_tables

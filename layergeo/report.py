@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from layergeo.budgets import collect_budget_results
+from layergeo.columns import metric_columns
 from layergeo.errors import LayergeoError
 from layergeo.plots import INIT_LABELS, STRATEGY_ORDER, strategy_label, task_label
 from layergeo.runs import read_json, read_jsonl, write_text
@@ -26,8 +27,6 @@ from layergeo.stats import ALPHA, compare_family
 
 METRICS = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "dev_accuracy": "dev acc",
            "test_bleu": "test BLEU", "test_chrf": "test chrF", "dev_bleu": "dev BLEU", "test_exact_match": "test EM"}
-PERCENT = ("accuracy", "macro_f1", "majority_rate", "exact_match")  # fractions in results.json, shown in %
-SCORES = ("bleu", "chrf", "perplexity")  # sacrebleu's 0-100 scores, and the completion perplexity (results_all only)
 SETTING_KEYS = ["student_layers", "hidden_size", "normalize", "alpha_hidden"]
 STAT_COLUMNS = ["n_seeds", "mean_diff", "sd_diff", "d_z", "t", "p", "p_holm", "ci_level", "ci_low", "ci_high",
                 "bca_low", "bca_high", "answer"]
@@ -70,14 +69,6 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
     if not rows:
         raise LayergeoError(f"no finished student runs under {root}; run a sweep first (layergeo sweep GRID.yaml)")
     return pd.DataFrame(rows)
-
-
-def metric_columns(split: str, metrics: dict) -> dict:
-    """A split's metrics as report columns: ``{split}_{metric}``, fractions in %, with the number of predicted classes."""
-    columns = {f"{split}_{m}": (100 if m in PERCENT else 1) * metrics[m] for m in (*PERCENT, *SCORES) if m in metrics}
-    if "predicted_classes" in metrics:
-        columns[f"{split}_predicted_classes"] = metrics["predicted_classes"]
-    return columns
 
 
 def trained_pairs(run: Path) -> str:
