@@ -39,7 +39,11 @@ def batched_pulls(states: Sequence[Tensor], cotangents: Sequence[Tensor], params
     pull does not touch layer j). Row m is Σ_j J_j^T cotangents[j][m].
     """
     m = cotangents[0].shape[0]
-    grads = torch.autograd.grad(list(states), list(params), grad_outputs=list(cotangents), is_grads_batched=True,
+    reached = [(s, c) for s, c in zip(states, cotangents) if s.requires_grad]  # a frozen layer (a LoRA student's embeddings) adds 0
+    if not reached:
+        return _flat([None] * len(params), params, m)
+    outputs, grad_outputs = zip(*reached)
+    grads = torch.autograd.grad(list(outputs), list(params), grad_outputs=list(grad_outputs), is_grads_batched=True,
                                 retain_graph=True, allow_unused=True)
     return _flat(grads, params, m)
 
@@ -112,6 +116,8 @@ def first_order_check(states_fn, params: Sequence[Tensor], teacher: Tensor, laye
         grads = batched_pulls(states, cotangents, params).double()             # (L_T + 1, P): g_ji
         before = (residuals.double() ** 2).sum((1, 2))
         for k in range(len(grads)):
+            if not grads[k].norm() > 0:  # no step toward T_k moves the states (W S_j = T_k, or frozen)
+                continue
             eta = relative_step * theta / grads[k].norm()
             param_view = -2 * eta * (grads @ grads[k])
             state_view = -2 * eta * (residuals.double() * residuals[k].double()).sum((1, 2))

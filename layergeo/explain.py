@@ -183,7 +183,7 @@ def summary_text(trace: RunTrace, planes: dict | None) -> str:
                      f"{100 * agree['state_view']:.0f}%.")
     if results:
         lines.append(f"- Dev metrics of the best checkpoint: " + ", ".join(
-            f"{k.replace('_', ' ')} {100 * v:.1f}%" if k in PERCENT else f"{k.replace('_', ' ')} {v:.3g}"
+            f"{k.replace('_', ' ')} {100 * v:.1f}%" if k in PERCENT or k.endswith("_accuracy") else f"{k.replace('_', ' ')} {v:.3g}"
             for k, v in results["dev"].items() if isinstance(v, float)) + ".")
     return "\n".join(lines)
 

@@ -89,7 +89,7 @@ class GeometryTrace:
             append_jsonl_rows(self.run.path / LAYER_ALIGNMENT, layers)
             append_jsonl_rows(self.run.path / TERM_ALIGNMENT, terms)
             append_jsonl_rows(self.run.path / FIRST_ORDER, first_order)
-            summary |= {f"trace/cosine_with_ce/{row['term']}": row["cosine_with_ce"] for row in terms}
+            summary |= {f"trace/cosine_with_ce/{row['term']}": row["cosine_with_ce"] for row in terms if row["cosine_with_ce"] is not None}
         self.cost["seconds"] = round(self.cost.get("seconds", 0.0) + time.perf_counter() - started, 3)
         return summary
 
@@ -190,7 +190,7 @@ class GradientProbe:
                 teacher = self.teacher_states[stack]
                 for j, matrix in layer_alignment(states, teacher, params, range(1, len(states))).items():
                     layer_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_i": i, "teacher_k": k,
-                                    "cosine": float(matrix[i, k])} for i in range(len(matrix)) for k in range(len(matrix)) if i < k]
+                                    "cosine": _number(matrix[i, k])} for i in range(len(matrix)) for k in range(len(matrix)) if i < k]
                 for name, mapping in self.mappings.items():
                     targets[name] = dict(mapping.pairs_at(epoch, step)[stack])
                 pulls.append(strategy_pulls(states, teacher, params, targets))
@@ -205,8 +205,15 @@ class GradientProbe:
         student.train(was_training)
         hidden = sum(pulls)  # (strategies, P): every stack's pulls of each strategy
         cosines = cosines_with(torch.cat([hidden, kl[None]]), ce).tolist()
-        terms = [{"step": step, "term": name, "cosine_with_ce": value} for name, value in zip([*STRATEGIES, "kl"], cosines)]
+        terms = [{"step": step, "term": name, "cosine_with_ce": _number(value)} for name, value in zip([*STRATEGIES, "kl"], cosines)]
         return layer_rows, terms, first_order
+
+
+def _number(value) -> float | None:
+    """A cosine for a JSON line: None where it is undefined (a zero gradient, e.g. a copied student layer that
+    starts exactly at its teacher layer, whose pull is zero)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def live_run(run: RunDir, config: RunConfig, family: Family, teacher, student: Student, tokenizer, strategy: str) -> LoadedRun:

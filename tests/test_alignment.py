@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from layergeo.alignment import (batched_pulls, cosine_matrix, cosines_with, flat_gradient, layer_alignment,
+from layergeo.alignment import (batched_pulls, cosine_matrix, cosines_with, first_order_check, flat_gradient, layer_alignment,
                                 strategy_pulls)
 
 
@@ -70,8 +70,6 @@ def test_cosines_with_a_reference_and_the_batched_pulls_shape(tiny):
 
 
 def test_first_order_check_param_view_matches_a_small_step_and_state_view_is_the_formula(tiny):
-    from layergeo.alignment import first_order_check
-
     states, teacher, params = tiny
     before = [p.detach().clone() for p in params]
     rows = pd.DataFrame(first_order_check(states, params, teacher, layers=[2], relative_step=1e-6))
@@ -85,3 +83,21 @@ def test_first_order_check_param_view_matches_a_small_step_and_state_view_is_the
         got = rows[rows.toward == k].sort_values("teacher_layer").state_view.to_numpy()
         brute = np.array([-2 * ((teacher[:, i] - s) * (teacher[:, k] - s)).sum().item() for i in range(5)])
         np.testing.assert_allclose(got / got[k], brute / brute[k], rtol=1e-9)  # up to the step size eta
+
+
+def test_a_state_outside_the_graph_adds_nothing_and_a_zero_pull_has_no_step(tiny):
+    """A LoRA student's frozen embeddings: their state does not require grad. The batched pulls skip it (as
+    separate gradients do), and a pull that is zero everywhere gets an all-zero row, NaN cosines, no first-order step."""
+    states, teacher, params = tiny
+    s = states()
+    frozen = [s[0].detach(), *s[1:]]  # S_0 out of the graph
+    cotangents = [torch.randn(3, *x.shape, dtype=torch.float64) for x in s]
+    expected = batched_pulls(s[1:], cotangents[1:], params)
+    torch.testing.assert_close(batched_pulls(frozen, cotangents, params), expected, rtol=1e-12, atol=1e-14)
+    assert not batched_pulls([x.detach() for x in s], cotangents, params).any()
+    on_target = teacher.clone()
+    on_target[:, 3] = s[2].detach()  # W S_2 = T_3: the pull of S_2 toward T_3 is zero
+    matrix = layer_alignment(states(), on_target, params, layers=[2])[2]
+    assert matrix[3].isnan().all() and not matrix[[0, 1, 2, 4]][:, [0, 1, 2, 4]].isnan().any()
+    rows = first_order_check(states, params, on_target, [2], relative_step=1e-6)
+    assert {r["toward"] for r in rows} == {0, 1, 2, 4}

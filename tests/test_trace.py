@@ -153,3 +153,19 @@ def test_the_rail_pull_of_the_gradient_probe_is_the_runs_own_draw(traced, tmp_pa
     for step in range(6):
         current = [d for d in draws if d["step"] <= step][-1]["pairs"]
         assert [list(p) for p in rail.pairs_at(0, step)["encoder"]] == current
+
+
+@pytest.mark.parametrize("preset", ["causal-tiny", "seq2seq-tiny"])
+def test_gradient_traces_of_the_other_families(tmp_path, preset):
+    """A LoRA student (frozen embeddings, zero adapter B at step 0, a first layer copied onto its teacher layer)
+    and an encoder-decoder student: every probe has its alignments, undefined cosines are null, explain reads them."""
+    out = tmp_path / "run"
+    assert main(["train", "--preset", preset, "--out", str(out), "--set", "trace.gradients=true", "--set", "trace.every=4"]) == 0
+    layers = pd.DataFrame(read_jsonl(out / "trace_layer_alignment.jsonl"))
+    terms = pd.DataFrame(read_jsonl(out / "trace_term_alignment.jsonl"))
+    steps = sorted(pd.DataFrame(read_jsonl(out / "trace_angles.jsonl")).step.unique())
+    assert sorted(layers.step.unique()) == sorted(terms.step.unique()) == steps == [0, 4, 8]
+    assert set(terms.term) == {"forward", "reverse", "all_to_one", "shuffle", "rail", "kl"}
+    cosines = pd.concat([layers.cosine, terms.cosine_with_ce]).dropna()
+    assert len(cosines) > 0.9 * (len(layers) + len(terms)) and cosines.abs().le(1 + 1e-6).all()
+    assert main(["explain", "--run", str(out)]) == 0 and (out / "explain" / "explain.md").is_file()
