@@ -117,6 +117,11 @@ def task_label(name: str) -> str:
     return TASK_LABELS.get(name, str(name))
 
 
+def strategy_tick(name: str) -> str:
+    """A strategy's label wrapped for an x tick: at most 12 characters a line, so neighbours never touch."""
+    return textwrap.fill(strategy_label(name), 12, break_on_hyphens=False)
+
+
 def strategy_label(name: str) -> str:
     """Readable name of a strategy; unknown strategies keep their own name."""
     return STRATEGY_LABELS.get(name, str(name))
@@ -455,7 +460,7 @@ def _dot_panel(
                 capsize=3, lw=1.3, zorder=3, clip_on=False,
             )
     ax.set_xticks(range(len(strategies)))
-    ax.set_xticklabels([textwrap.fill(strategy_label(s), 14, break_on_hyphens=False) for s in strategies])
+    ax.set_xticklabels([strategy_tick(s) for s in strategies])
     ax.set_xlim(-0.5, len(strategies) - 0.5)
     ax.set_xlabel("Layer-matching strategy")
     sns.despine(ax=ax)
@@ -620,7 +625,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
             row[0].errorbar(x, d.mean_diff, yerr=bar, fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
         row[0].axhline(0, ls="--", lw=1, color="0.5", zorder=0)
         row[0].set_xticks(range(len(matching)))
-        row[0].set_xticklabels([textwrap.fill(strategy_label(s), 14, break_on_hyphens=False) for s in matching])
+        row[0].set_xticklabels([strategy_tick(s) for s in matching])
         row[0].set_xlim(-0.5, len(matching) - 0.5)
         row[0].set_ylabel("Difference to None (points)")
         levels = sorted(set(diff.ci_level.dropna().round(6))) if "ci_level" in diff else []
