@@ -16,6 +16,7 @@ Tasks, by name:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 from layergeo import data
 from layergeo.config import POSITIONS
 from layergeo.errors import LayergeoError
+from layergeo.registry import Registry
 
 IGNORE = -100  # label of a position that is not a completion token
 
@@ -44,6 +46,7 @@ class CompletionTask:
     choices: tuple[str, ...] | None = None  # the closed set of completions, when there is one
 
 
+COMPLETION_TASKS: Registry[CompletionTask] = Registry("completion task")
 _CLASSIFICATION_TWINS = {  # completion task -> (classification task, head, tail, completion per label name)
     "rt_sentiment": ("rotten_tomatoes", "Review: ", "\nSentiment:", {"rotten": " negative", "fresh": " positive"}),
     "bbc_topic": ("bbc_news", "Article: ", "\nTopic:", None),  # the topic names themselves
@@ -51,19 +54,18 @@ _CLASSIFICATION_TWINS = {  # completion task -> (classification task, head, tail
 
 
 def completion_task_names() -> list[str]:
-    return sorted(_CLASSIFICATION_TWINS)
+    return COMPLETION_TASKS.names()
 
 
 def load_completion_task(name: str, max_examples: dict[str, int | None] | None = None, seed: int = 0) -> CompletionTask:
     """A completion task by name or local path, with the splits capped as ``max_examples`` says."""
-    key = name.strip().lower()
-    if key in _CLASSIFICATION_TWINS:
-        task = _from_classification(key, *_CLASSIFICATION_TWINS[key])
+    if (loader := COMPLETION_TASKS.find(name)) is not None:
+        task = loader()
     elif Path(name).exists() or Path(name).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
         task = _load_local(Path(name))
     else:
         raise LayergeoError(f"unknown completion task {name!r} for the causal family; choose one of "
-                            f"{', '.join(completion_task_names())}, or a path to a local .csv/.tsv/.jsonl file with "
+                            f"{COMPLETION_TASKS.known()}, or a path to a local .csv/.tsv/.jsonl file with "
                             "prompt and completion columns")
     task = replace(task, splits=data.cap_splits(task.splits, max_examples or {}, seed))
     for split in data.SPLITS:
@@ -81,6 +83,10 @@ def _from_classification(name: str, twin: str, head: str, tail: str, words: dict
               for s, df in source.splits.items()}
     return CompletionTask(name, splits, f"{source.source}, as {head.strip()} ...{tail!r} -> label word",
                           head=head, tail=tail, choices=tuple(completion))
+
+
+for _name, _twin in _CLASSIFICATION_TWINS.items():
+    COMPLETION_TASKS.register(_name)(functools.partial(_from_classification, _name, *_twin))
 
 
 def _load_local(path: Path) -> CompletionTask:

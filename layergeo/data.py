@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorWithPadding
 
 from layergeo.errors import LayergeoError
+from layergeo.registry import Registry
 
 SPLITS = ("train", "dev", "test")
 TEXT_COLUMNS = ("text", "text_pair")  # canonical names of the first and second text of an example
@@ -51,27 +52,13 @@ class TaskData:
 # --------------------------------------------------------------------------------------------
 # Registry
 
-_LOADERS: dict[str, Callable[[], TaskData]] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register_task(name: str, *aliases: str):
-    """Decorator: register a no-argument loader returning the full (uncapped) `TaskData`."""
-
-    def decorate(loader: Callable[[], TaskData]) -> Callable[[], TaskData]:
-        for key in (name, *aliases):
-            if key in _LOADERS or key in _ALIASES:
-                raise LayergeoError(f"task name {key!r} is registered twice; pick another name")
-        _LOADERS[name] = loader
-        _ALIASES.update({alias: name for alias in aliases})
-        return loader
-
-    return decorate
+TASKS: Registry[TaskData] = Registry("task")
+register_task = TASKS.register  # decorator: a no-argument loader returning the full (uncapped) TaskData
 
 
 def task_names() -> list[str]:
     """Registered canonical task names (aliases not included)."""
-    return sorted(_LOADERS)
+    return TASKS.names()
 
 
 def load_task(
@@ -83,9 +70,8 @@ def load_task(
     split membership itself never depends on `seed` or on the caps.
     """
     key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key in _LOADERS:
-        task = _LOADERS[key]()
+    if (loader := TASKS.find(name)) is not None:
+        task = loader()
     elif key == "glue/stsb":
         raise LayergeoError("glue/stsb is a regression task (similarity scores) and layergeo trains "
                             "classifiers; pick another task, e.g. glue/mrpc")
@@ -97,8 +83,7 @@ def load_task(
     elif Path(name).exists() or Path(name).suffix.lower() in _READERS:
         task = _load_local(Path(name))
     else:
-        known = ", ".join(task_names() + [f"{a} (= {c})" for a, c in sorted(_ALIASES.items())])
-        raise LayergeoError(f"unknown task {name!r}; choose one of: {known}, "
+        raise LayergeoError(f"unknown task {name!r}; choose one of: {TASKS.known()}, "
                             "hf:<dataset>[:<config>], or a path to a local .csv/.tsv/.jsonl file or folder")
     task = replace(task, splits=cap_splits(task.splits, max_examples or {}, seed))
     _check(task)

@@ -18,7 +18,7 @@ Sources, by name:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from layergeo import data
 from layergeo.errors import LayergeoError
+from layergeo.registry import Registry
 
 COLUMNS = ("source", "target")
 
@@ -42,38 +43,22 @@ class PairTask:
     text_columns: tuple[str, ...] = COLUMNS
 
 
-_LOADERS: dict[str, Callable[[], PairTask]] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register_pair_task(name: str, *aliases: str):
-    """Decorator: register a no-argument loader returning the full (uncapped) :class:`PairTask`."""
-
-    def decorate(loader: Callable[[], PairTask]) -> Callable[[], PairTask]:
-        for key in (name, *aliases):
-            if key in _LOADERS or key in _ALIASES:
-                raise LayergeoError(f"pair task name {key!r} is registered twice; pick another name")
-        _LOADERS[name] = loader
-        _ALIASES.update({alias: name for alias in aliases})
-        return loader
-
-    return decorate
+PAIR_TASKS: Registry[PairTask] = Registry("pair task")
+register_pair_task = PAIR_TASKS.register  # decorator: a no-argument loader returning the full (uncapped) PairTask
 
 
 def pair_task_names() -> list[str]:
-    return sorted(_LOADERS)
+    return PAIR_TASKS.names()
 
 
 def load_pair_task(name: str, max_examples: Mapping[str, int | None] | None = None, seed: int = 0) -> PairTask:
     """A pair task by registered name, alias or local path, with the splits capped as ``max_examples`` says."""
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key in _LOADERS:
-        task = _LOADERS[key]()
+    if (loader := PAIR_TASKS.find(name)) is not None:
+        task = loader()
     elif Path(name).exists() or Path(name).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
         task = _load_local(Path(name))
     else:
-        known = ", ".join(pair_task_names() + [f"{a} (= {c})" for a, c in sorted(_ALIASES.items())])
-        raise LayergeoError(f"unknown pair task {name!r} for the seq2seq family; choose one of: {known}, or a path to "
+        raise LayergeoError(f"unknown pair task {name!r} for the seq2seq family; choose one of: {PAIR_TASKS.known()}, or a path to "
                             "a local .csv/.tsv/.jsonl file with source and target columns")
     task = replace(task, splits=data.cap_splits(task.splits, max_examples or {}, seed))
     for split in data.SPLITS:
