@@ -188,20 +188,35 @@ def summary_text(trace: RunTrace, planes: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%" if np.isfinite(fraction) else "–"
+
+
 def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.0f}%" if before else "from 0"
 
 
 def run_trace_summary(path: Path) -> pd.DataFrame:
     """One run's trace per step (first stack): frac_acute, thales_ratio, matched, unmatched and, with gradient
-    traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none)."""
+    traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none),
+    pulls_aligned (the fraction of student layers j >= 1 and teacher pairs i < k whose parameter pulls have a
+    positive cosine) and param_sign / state_sign (the fraction of first-order cases i != k whose parameter- and
+    state-space predictions have the realised sign)."""
     trace = read_trace(path)
     stack = next(iter(trace.depths))
     table = trace.geometry[trace.geometry["stack"] == stack].merge(trace.distances, on=["stack", "step"])
-    terms = trace.terms
+    terms, layers, first_order = trace.terms, trace.layers, trace.first_order
     own = terms[terms.term == trace.strategy].set_index("step").cosine_with_ce if not terms.empty else pd.Series(dtype=float)
-    return table.assign(own_pull_vs_ce=table.step.map(own), run=trace.run.path.name, strategy=trace.strategy,
-                        init=trace.init, seed=trace.seed)
+    table = table.assign(own_pull_vs_ce=table.step.map(own))
+    if not layers.empty:
+        cosines = layers[layers["stack"] == stack].dropna(subset=["cosine"])
+        table["pulls_aligned"] = table.step.map(cosines.groupby("step").cosine.apply(lambda c: float((c > 0).mean())))
+    if not first_order.empty:
+        cases = first_order[(first_order["stack"] == stack) & (first_order.toward != first_order.teacher_layer)]
+        for view, column in (("param_view", "param_sign"), ("state_view", "state_sign")):
+            right = np.sign(cases[view]) == np.sign(cases.realised)
+            table[column] = table.step.map(right.groupby(cases.step).mean())
+    return table.assign(run=trace.run.path.name, strategy=trace.strategy, init=trace.init, seed=trace.seed)
 
 
 def explain_runs(paths: list[str], out: Path) -> Path:
@@ -212,13 +227,22 @@ def explain_runs(paths: list[str], out: Path) -> Path:
     table = pd.concat([run_trace_summary(path) for path in runs], ignore_index=True)
     write_text(out / "compare.csv", table.to_csv(index=False))
     plots.save_figure(plots.trace_comparison(table), out / "compare")
-    lines = [f"# Traces compared\n", f"{pooled}.\n", "| init | strategy | seeds | acute fraction, first → last probe | "
-             "Thales ratio | distance to the matched layer | own pull vs CE (mean over probes) |", "|---|---|---|---|---|---|---|"]
+    gradients = "pulls_aligned" in table
+    header = ("| init | strategy | seeds | acute fraction, first → last probe | Thales ratio | distance to the matched layer "
+              "| own pull vs CE (mean over probes) |")
+    if gradients:
+        header += " parameter pulls toward two teacher layers aligned (cos > 0), first → last | first-order sign right: parameter / state view |"
+    lines = [f"# Traces compared\n", f"{pooled}.\n", header, "|---" * (header.count("|") - 1) + "|"]
     for (init, strategy), group in table.groupby(["init", "strategy"]):
-        ends = group.groupby("step")[["frac_acute", "thales_ratio", "matched", "own_pull_vs_ce"]].mean().sort_index()
+        columns = [c for c in ("frac_acute", "thales_ratio", "matched", "own_pull_vs_ce", "pulls_aligned", "param_sign", "state_sign") if c in group]
+        ends = group.groupby("step")[columns].mean().sort_index()
         a, b = ends.iloc[0], ends.iloc[-1]
         own = f"{ends.own_pull_vs_ce.mean():+.2f}" if ends.own_pull_vs_ce.notna().any() else "–"
-        lines.append(f"| {init} | {plots.strategy_label(strategy)} | {group.seed.nunique()} | {100 * a.frac_acute:.1f}% → "
-                     f"{100 * b.frac_acute:.1f}% | {a.thales_ratio:.2f} → {b.thales_ratio:.2f} | {a.matched:.2f} → {b.matched:.2f} | {own} |")
+        line = (f"| {init} | {plots.strategy_label(strategy)} | {group.seed.nunique()} | {100 * a.frac_acute:.1f}% → "
+                f"{100 * b.frac_acute:.1f}% | {a.thales_ratio:.2f} → {b.thales_ratio:.2f} | {a.matched:.2f} → {b.matched:.2f} | {own} |")
+        if gradients:  # "–" for runs of the comparison traced without gradients
+            line += (f" {_percent(a.pulls_aligned)} → {_percent(b.pulls_aligned)} | {_percent(ends.param_sign.mean())} / "
+                     f"{_percent(ends.state_sign.mean())} |")
+        lines.append(line)
     write_text(out / "compare.md", "\n".join(lines) + "\n")
     return out

@@ -814,13 +814,16 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
 @_themed
 def trace_comparison(table: pd.DataFrame) -> Figure:
     """Traces of several runs, one line per strategy (mean over seeds), one line style per init: acute fraction,
-    Thales ratio, distance to the matched teacher layer and (when traced) the own pull's cosine with the CE gradient.
+    Thales ratio, distance to the matched teacher layer and, when the runs traced gradients, the fraction of
+    teacher pairs whose parameter pulls are aligned (the acute fraction's parameter-space twin) and the own
+    pull's cosine with the CE gradient.
 
-    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce.
+    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce (pulls_aligned).
     """
-    panels = [("frac_acute", "Fraction of acute angles"), ("thales_ratio", "Mean Thales ratio"),
-              ("matched", "Distance to the matched layer"), ("own_pull_vs_ce", "cos(own pull, CE gradient)")]
-    panels = [(c, label) for c, label in panels if table[c].notna().any()]
+    panels = [("frac_acute", "Fraction of acute angles (states)"), ("pulls_aligned", "Fraction of aligned pulls (parameters)"),
+              ("thales_ratio", "Mean Thales ratio"), ("matched", "Distance to the matched layer"),
+              ("own_pull_vs_ce", "cos(own pull, CE gradient)")]
+    panels = [(c, label) for c, label in panels if c in table and table[c].notna().any()]
     strategies = sort_strategies(table.strategy.unique())
     colors = _colors(strategies, STRATEGY_PALETTE)
     inits = _ordered(table.init.unique(), INIT_LABELS)

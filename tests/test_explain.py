@@ -8,6 +8,7 @@ import pytest
 
 from layergeo.cli import main
 from layergeo.explain import deep_geometry, token_plane
+from layergeo.runs import read_jsonl
 from layergeo.trace import trace_tables
 
 
@@ -72,8 +73,19 @@ def test_runs_compared_side_by_side(explained, tmp_path, capsys):
     assert set(table.strategy) == {"reverse", "forward"} and sorted(table.step.unique()) == [0, 2, 4]
     assert table[table.strategy == "forward"].own_pull_vs_ce.isna().all()  # traced without gradients
     assert table[table.strategy == "reverse"].own_pull_vs_ce.notna().all()
+    # the parameter-space twin of the acute fraction and the first-order signs, from the gradient tables by hand
+    layers = pd.DataFrame(read_jsonl(explained / "trace_layer_alignment.jsonl"))
+    cases = pd.DataFrame(read_jsonl(explained / "trace_first_order.jsonl"))
+    cases = cases[cases.toward != cases.teacher_layer]
+    reverse = table[table.strategy == "reverse"].set_index("step")
+    for step in (0, 2, 4):
+        cosines = layers[layers.step == step].cosine.dropna()
+        assert reverse.pulls_aligned[step] == pytest.approx(np.mean(cosines > 0))
+        at = cases[cases.step == step]
+        assert reverse.state_sign[step] == pytest.approx(np.mean(np.sign(at.state_view) == np.sign(at.realised)))
+    assert table[table.strategy == "forward"].pulls_aligned.isna().all()
     text = (tmp_path / "compare" / "compare.md").read_text()
-    assert "| copy | Reverse | 1 |" in text and "| copy | Forward | 1 |" in text
+    assert "| copy | Reverse | 1 |" in text and "| copy | Forward | 1 |" in text and "– → –" in text
     assert (tmp_path / "compare" / "compare.png").is_file()
     capsys.readouterr()
     assert main(["explain", "--runs", str(other)]) == 2 and "--out" in capsys.readouterr().err
