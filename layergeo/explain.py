@@ -24,7 +24,7 @@ from layergeo.errors import LayergeoError
 from layergeo.columns import PERCENT
 from layergeo.runs import RunDir, read_jsonl, write_text
 from layergeo.strategies import MappingOptions, build_mapping, forward_targets
-from layergeo.trace import TOKEN, alignment_tables, trace_tables
+from layergeo.trace import STRATEGIES, TOKEN, alignment_tables, trace_tables
 
 
 def deep_geometry(angles: pd.DataFrame) -> pd.DataFrame:
@@ -196,13 +196,12 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.0f}%" if before else "from 0"
 
 
-def run_trace_summary(path: Path) -> pd.DataFrame:
+def run_trace_summary(trace: RunTrace) -> pd.DataFrame:
     """One run's trace per step (first stack): frac_acute, thales_ratio, matched, unmatched and, with gradient
     traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none),
     pulls_aligned (the fraction of student layers j >= 1 and teacher pairs i < k whose parameter pulls have a
     positive cosine) and param_sign / state_sign (the fraction of first-order cases i != k whose parameter- and
     state-space predictions have the realised sign)."""
-    trace = read_trace(path)
     stack = next(iter(trace.depths))
     table = trace.geometry[trace.geometry["stack"] == stack].merge(trace.distances, on=["stack", "step"])
     terms, layers, first_order = trace.terms, trace.layers, trace.first_order
@@ -224,8 +223,10 @@ def explain_runs(paths: list[str], out: Path) -> Path:
     compare.csv under ``out``. Runs of one strategy and init are averaged over their seeds."""
     runs = expand_runs(paths)
     _, pooled = pooled_settings(runs, strict=True)
-    table = pd.concat([run_trace_summary(path) for path in runs], ignore_index=True)
+    traces = [read_trace(path) for path in runs]
+    table = pd.concat([run_trace_summary(trace) for trace in traces], ignore_index=True)
     write_text(out / "compare.csv", table.to_csv(index=False))
+    pulls = pulls_against_task(traces)
     plots.save_figure(plots.trace_comparison(table), out / "compare")
     gradients = "pulls_aligned" in table
     header = ("| init | strategy | seeds | acute fraction, first → last probe | Thales ratio | distance to the matched layer "
@@ -244,5 +245,25 @@ def explain_runs(paths: list[str], out: Path) -> Path:
             line += (f" {_percent(a.pulls_aligned)} → {_percent(b.pulls_aligned)} | {_percent(ends.param_sign.mean())} / "
                      f"{_percent(ends.state_sign.mean())} |")
         lines.append(line)
+    if not pulls.empty:
+        write_text(out / "pulls_vs_ce.csv", pulls.to_csv())
+        labels = [plots.strategy_label(t) if t != "kl" else "KL" for t in pulls.columns]
+        lines += ["", "Each pull's cosine with the task's gradient (CE on a held-out probe batch), measured at the parameters "
+                  "of the run in the row whatever strategy trains it; mean over probes (and seeds):", "",
+                  "| init | run trained with | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+        lines += [f"| {init} | {plots.strategy_label(strategy)} | " + " | ".join(f"{v:+.2f}" for v in row) + " |"
+                  for (init, strategy), row in pulls.iterrows()]
     write_text(out / "compare.md", "\n".join(lines) + "\n")
     return out
+
+
+def pulls_against_task(traces: list[RunTrace]) -> pd.DataFrame:
+    """Rows (init, the strategy a run trained with), columns the pulls (forward, ..., rail, kl): the mean over
+    probes and seeds of each pull's cosine with the CE gradient; empty without gradient traces."""
+    terms = [t.terms.assign(init=t.init, strategy=t.strategy, seed=t.seed) for t in traces if not t.terms.empty]
+    if not terms:
+        return pd.DataFrame()
+    terms = pd.concat(terms, ignore_index=True)
+    per_run = terms.groupby(["init", "strategy", "seed", "term"]).cosine_with_ce.mean()
+    table = per_run.groupby(["init", "strategy", "term"]).mean().unstack("term")
+    return table[[t for t in (*STRATEGIES, "kl") if t in table]]

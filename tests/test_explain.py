@@ -84,6 +84,11 @@ def test_runs_compared_side_by_side(explained, tmp_path, capsys):
         at = cases[cases.step == step]
         assert reverse.state_sign[step] == pytest.approx(np.mean(np.sign(at.state_view) == np.sign(at.realised)))
     assert table[table.strategy == "forward"].pulls_aligned.isna().all()
+    pulls = pd.read_csv(tmp_path / "compare" / "pulls_vs_ce.csv").set_index(["init", "strategy"])
+    terms = pd.DataFrame(read_jsonl(explained / "trace_term_alignment.jsonl"))
+    assert list(pulls.index) == [("copy", "reverse")]  # the forward run traced no gradients
+    for term, value in pulls.loc[("copy", "reverse")].items():
+        assert value == pytest.approx(terms[terms.term == term].cosine_with_ce.mean())
     text = (tmp_path / "compare" / "compare.md").read_text()
     assert "| copy | Reverse | 1 |" in text and "| copy | Forward | 1 |" in text and "– → –" in text
     assert (tmp_path / "compare" / "compare.png").is_file()
