@@ -771,7 +771,7 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel(f"along T{k} − T{i}")
         ax.set_ylabel("orthogonal, toward the last student state")
-        ax.legend(frameon=False, fontsize="small", loc="best")
+        ax.legend(frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # never on the states
         ax.set_title("(c) One token, in the plane of a teacher pair", loc="left")
     else:
         ax.set_axis_off()
@@ -805,7 +805,7 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
         ax.set_xlabel("Training step")
         ax.set_ylabel("cos(pull gradient, CE gradient)")
         ax.set_title("(e) Each pull against the task", loc="left")
-        ax.legend(frameon=False, fontsize="small")
+        ax.legend(frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)  # never on the lines
         sns.despine(ax=ax)
     fig.suptitle(title, fontsize="medium")
     return fig
