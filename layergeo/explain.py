@@ -21,7 +21,7 @@ import pandas as pd
 from layergeo import plots
 from layergeo.analyse import acute_fraction, expand_runs, mean_thales_ratio, pooled_settings
 from layergeo.errors import LayergeoError
-from layergeo.columns import PERCENT
+from layergeo.families import get_family
 from layergeo.runs import RunDir, read_jsonl, write_text
 from layergeo.strategies import MappingOptions, build_mapping, forward_targets
 from layergeo.trace import STRATEGIES, TOKEN, alignment_tables, trace_tables
@@ -174,18 +174,24 @@ def summary_text(trace: RunTrace, planes: dict | None) -> str:
         lines.append(f"- Cosine of each pull's parameter gradient with the task's (CE, held-out batch) gradient at step "
                      f"{int(t0.step.iloc[0])}: {fmt(t0)}; at step {int(t1.step.iloc[0])}: {fmt(t1)}.")
     if not first_order.empty:
-        other = first_order[first_order.toward != first_order.teacher_layer]
-        agree = {view: float((np.sign(other[view]) == np.sign(other.realised)).mean()) for view in ("param_view", "state_view")}
-        lines.append(f"- First-order check (S{int(other.student_layer.max())}, a parameter step of 1e-5 |θ| toward each teacher "
-                     f"layer k, the change of the squared distance to every other layer i, {len(other)} cases over the "
-                     f"probes): the parameter-space prediction has the sign of the realised change in "
-                     f"{100 * agree['param_view']:.0f}% of cases, the state-space one (the paper's idealised step) in "
-                     f"{100 * agree['state_view']:.0f}%.")
+        signs = first_order_signs(first_order, stack)
+        lines.append(f"- First-order check (S{trace.depths[stack][1]}, a parameter step of 1e-5 |θ| toward each teacher "
+                     f"layer k, the change of the squared distance to every other layer i, {int(signs.cases.sum())} cases "
+                     f"over the probes): the parameter-space prediction has the sign of the realised change in "
+                     f"{_percent(signs.param_sign @ signs.cases / signs.cases.sum())} of cases, the state-space one (the "
+                     f"paper's idealised step) in {_percent(signs.state_sign @ signs.cases / signs.cases.sum())}.")
     if results:
-        lines.append(f"- Dev metrics of the best checkpoint: " + ", ".join(
-            f"{k.replace('_', ' ')} {100 * v:.1f}%" if k in PERCENT or k.endswith("_accuracy") else f"{k.replace('_', ' ')} {v:.3g}"
-            for k, v in results["dev"].items() if isinstance(v, float)) + ".")
+        lines.append(f"- Dev metrics of the best checkpoint: {get_family(run.config().teacher.family).describe_metrics(results['dev'])}.")
     return "\n".join(lines)
+
+
+def first_order_signs(first_order: pd.DataFrame, stack: str) -> pd.DataFrame:
+    """Per probe step of one stack's first-order check (the cases i != k): cases, and the fraction whose parameter-
+    and state-space predictions have the sign of the realised change (param_sign, state_sign)."""
+    cases = first_order[(first_order["stack"] == stack) & (first_order.toward != first_order.teacher_layer)]
+    right = {column: np.sign(cases[view]) == np.sign(cases.realised)
+             for view, column in (("param_view", "param_sign"), ("state_view", "state_sign"))}
+    return pd.DataFrame(right).groupby(cases.step).agg("mean").assign(cases=cases.groupby("step").size())
 
 
 def _percent(fraction: float) -> str:
@@ -211,10 +217,9 @@ def run_trace_summary(trace: RunTrace) -> pd.DataFrame:
         cosines = layers[layers["stack"] == stack].dropna(subset=["cosine"])
         table["pulls_aligned"] = table.step.map(cosines.groupby("step").cosine.apply(lambda c: float((c > 0).mean())))
     if not first_order.empty:
-        cases = first_order[(first_order["stack"] == stack) & (first_order.toward != first_order.teacher_layer)]
-        for view, column in (("param_view", "param_sign"), ("state_view", "state_sign")):
-            right = np.sign(cases[view]) == np.sign(cases.realised)
-            table[column] = table.step.map(right.groupby(cases.step).mean())
+        signs = first_order_signs(first_order, stack)
+        for column in ("param_sign", "state_sign"):
+            table[column] = table.step.map(signs[column])
     return table.assign(run=trace.run.path.name, strategy=trace.strategy, init=trace.init, seed=trace.seed)
 
 
