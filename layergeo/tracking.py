@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import pandas as pd
 from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import ProjectConfiguration
@@ -58,12 +59,7 @@ def tracked(accelerator: Accelerator, config: RunConfig, run: RunDir):
             tracker.finish()
 
 
-def flat_settings(settings: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+def flat_settings(settings: dict) -> dict[str, int | float | str | bool]:
     """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}``; lists and nulls as text (what TensorBoard accepts)."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    flat = pd.json_normalize(settings, sep=".").to_dict("records")[0]
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat.items()}
