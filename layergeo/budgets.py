@@ -51,31 +51,31 @@ def run_evaluations(run: Path) -> pd.DataFrame:
     return pd.DataFrame(list(by_step.values()))
 
 
-def run_budgets(run: Path) -> pd.DataFrame:
+def run_budgets(run: Path, results: dict | None = None) -> pd.DataFrame:
     """The budgets of one finished run (its ``train.eval_steps`` it reached, and its last step) with the
-    selected evaluation at each; empty when the run logged no test evaluation along training."""
+    selected evaluation at each; empty when the run logged no test evaluation along training. ``results``:
+    the run's results.json when the caller has read it."""
     config = yaml.safe_load((run / "config.yaml").read_text())
     evaluations = run_evaluations(run)
     if evaluations.empty or not any(c.startswith("test_") for c in evaluations):
         return pd.DataFrame()
     metric = get_family(config["teacher"]["family"]).metric
-    last = int(read_json(run / "results.json")["steps"])
+    last = int((read_json(run / "results.json") if results is None else results)["steps"])
     budgets = sorted({*(s for s in config["train"].get("eval_steps") or () if s <= last), last})
     table = selected_at_budgets(evaluations.dropna(subset=[f"dev_{metric}"]), budgets, metric)
     return table.assign(end=table.budget == last)
 
 
-def collect_budget_results(root: str | Path, results: pd.DataFrame) -> pd.DataFrame:
+def collect_budget_results(runs: dict[Path, dict], results: pd.DataFrame) -> pd.DataFrame:
     """One row per finished student run and budget: the identity columns of ``results`` (the report's
-    results_all), budget, selected_step, end, and the dev/test metrics selected at that budget. Empty when
-    no run under ``root`` evaluated test along training (``train.eval_test``)."""
+    results_all), budget, selected_step, end, and the dev/test metrics selected at that budget. ``runs``: the
+    student runs' folders and results.json (``layergeo.report.student_runs``). Empty when none of them evaluated
+    test along training (``train.eval_test``)."""
     frames = []
-    for results_file in sorted(Path(root).rglob("results.json")):
-        if read_json(results_file).get("kind") != "student":
-            continue
-        table = run_budgets(results_file.parent)
+    for folder, run_results in runs.items():
+        table = run_budgets(folder, run_results)
         if not table.empty:
-            frames.append(table.assign(run=results_file.parent.name))
+            frames.append(table.assign(run=folder.name))
     if not frames:
         return pd.DataFrame()
     budgets = pd.concat(frames, ignore_index=True)

@@ -32,25 +32,35 @@ STAT_COLUMNS = ["n_seeds", "mean_diff", "sd_diff", "d_z", "t", "p", "p_holm", "c
                 "bca_low", "bca_high", "answer"]
 
 
-def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | None = None) -> pd.DataFrame:
-    """One row per finished student run under ``root``: identity, setting and metrics (in %, with the
-    majority-class rate and the number of distinct predicted labels when the run recorded them).
-
-    ``config_keys`` adds columns read from each run's config.yaml: {column: (section, key)}.
-    """
-    import yaml
-
+def student_runs(root: str | Path) -> dict[Path, dict]:
+    """The finished student runs under ``root``, in path order: each one's folder and its results.json."""
     root = Path(root)
     if not root.is_dir():
         raise LayergeoError(f"{root} does not exist; give the folder of a sweep (or of runs)")
-    rows = []
+    runs = {}
     for results_file in sorted(root.rglob("results.json")):
         results = read_json(results_file)
-        if results.get("kind") != "student":
-            continue
-        config = yaml.safe_load((results_file.parent / "config.yaml").read_text())
+        if results.get("kind") == "student":
+            runs[results_file.parent] = results
+    return runs
+
+
+def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | None = None,
+                    runs: dict[Path, dict] | None = None) -> pd.DataFrame:
+    """One row per finished student run under ``root``: identity, setting and metrics (in %, with the
+    majority-class rate and the number of distinct predicted labels when the run recorded them).
+
+    ``config_keys`` adds columns read from each run's config.yaml: {column: (section, key)}. ``runs``: the
+    :func:`student_runs` of ``root`` when the caller has them (a report reads each results.json once).
+    """
+    import yaml
+
+    runs = student_runs(root) if runs is None else runs
+    rows = []
+    for folder, results in runs.items():
+        config = yaml.safe_load((folder / "config.yaml").read_text())
         row = {
-            "run": results_file.parent.name,
+            "run": folder.name,
             "task": results["task"],
             "init": results["init"],
             "strategy": results["strategy"],
@@ -59,7 +69,7 @@ def collect_results(root: str | Path, config_keys: dict[str, tuple[str, str]] | 
             "hidden_size": config["student"]["hidden_size"] or "teacher",
             "normalize": config["loss"]["normalize"],
             "alpha_hidden": config["loss"]["alpha_hidden"],
-            "pairs": trained_pairs(results_file.parent),
+            "pairs": trained_pairs(folder),
             **_teacher_score(results["teacher_results"]["test"]),
             **{column: config[section].get(key) for column, (section, key) in (config_keys or {}).items()},
         }
@@ -281,11 +291,12 @@ def write_tables(results: pd.DataFrame, out: Path, title: str, paper: bool = Fal
 
 def write_report(root: str | Path, out: Path | None = None, paper: bool = False) -> Path:
     """Write every table as CSV, Markdown and LaTeX, plus ``report.md`` gathering them and ``provenance.json``."""
-    results = collect_results(root)
+    runs = student_runs(root)
+    results = collect_results(root, runs=runs)
     out = out or Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "provenance.json", json.dumps(provenance(root), indent=2) + "\n")
-    budgets = collect_budget_results(root, results)
+    budgets = collect_budget_results(runs, results)
     if not budgets.empty:  # runs that evaluated test along training (train.eval_test): results at each budget
         _write_table(budgets, out / "results_by_budget")
     return write_tables(results, out, Path(root).name, paper)

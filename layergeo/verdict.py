@@ -36,7 +36,7 @@ from scipy import stats
 from layergeo import plots
 from layergeo.budgets import collect_budget_results
 from layergeo.errors import LayergeoError
-from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, summary_stats
+from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, student_runs, summary_stats
 from layergeo.runs import write_text
 from layergeo.stats import ALPHA, MIN_SEEDS, blocked_spread_test
 
@@ -293,9 +293,10 @@ def verdict_from_sweep(root: Path, out: Path | None = None, metric: str = "test_
     acute_file = Path(root) / "figures" / "acute_summary.csv"
     if not acute_file.is_file():
         raise LayergeoError(f"{acute_file} is missing; run `layergeo figures {root}` first")
-    results = collect_results(root)
+    runs = student_runs(root)
+    results = collect_results(root, runs=runs)
     return write_verdict(results, read_table(acute_file), out or Path(root) / "verdict", metric,
-                         collect_budget_results(root, results))
+                         collect_budget_results(runs, results))
 
 
 def read_table(path: Path, flag: str = "") -> pd.DataFrame:

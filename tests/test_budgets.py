@@ -15,7 +15,7 @@ from layergeo.cli import main
 from layergeo.config import load_config
 from layergeo.errors import LayergeoError
 from layergeo.teacher import family_of
-from layergeo.report import collect_results
+from layergeo.report import collect_results, student_runs
 from layergeo.runs import read_jsonl
 from layergeo.verdict import claims_by_budget, write_verdict
 
@@ -82,7 +82,7 @@ def test_a_run_logs_dev_and_test_at_its_budgets_and_the_end_is_its_best_checkpoi
 
 def test_budget_results_report_and_verdict(budget_runs, tmp_path):
     results = collect_results(budget_runs)
-    budgets = collect_budget_results(budget_runs, results)
+    budgets = collect_budget_results(student_runs(budget_runs), results)
     assert len(budgets) == 4 * 3 and set(budgets.columns) >= {"run", "strategy", "seed", "budget", "selected_step", "test_accuracy"}
     assert main(["report", str(budget_runs), "--out", str(tmp_path / "report")]) == 0
     saved = pd.read_csv(tmp_path / "report" / "results_by_budget.csv")
