@@ -120,16 +120,8 @@ def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, 
 
 def budget_sentences(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> list[str]:
     """Per budget, one line per task and init: claims (a) and (b) at that budget, every number from the tables."""
-    lines = []
-    for budget, diffs_at in a.groupby("budget"):
-        family = int(diffs_at.n_seeds.ge(MIN_SEEDS).sum())
-        for (task, init), diffs in diffs_at.groupby(GROUP):
-            text = f"**Step {budget}, {_name(task, init)}** ({metric.replace('_', ' ')}). " + _claim_a(diffs, family)
-            spreads = b[(b.budget == budget) & (b.task == task) & (b.init == init)]
-            if not spreads.empty:
-                text += _claim_b(spreads.iloc[0])
-            lines.append(text)
-    return lines
+    return [line for budget, diffs_at in a.groupby("budget")
+            for line in _paragraphs(diffs_at, b[b.budget == budget], metric, head=f"Step {budget}, ")]
 
 
 def write_budget_verdict(budgets: pd.DataFrame, out: Path, metric: str) -> list[str]:
@@ -232,27 +224,39 @@ def _claim_b(s: pd.Series) -> str:
     return text
 
 
-def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) -> list[str]:
-    """One plain paragraph per task and init, every number from the three tables."""
+def _claim_c(g: pd.Series, metric: str) -> str:
+    text = f" (c) Acute angles: {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
+    if "ratio_trained" in g:
+        text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
+    text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
+    return text + "; ".join(_rank_correlation(g, prefix, name) for prefix, _, name in plots.VERDICT_GEOMETRY.values()
+                            if f"{prefix}_spearman_rho" in g) + "."
+
+
+def _paragraphs(a: pd.DataFrame, b: pd.DataFrame, metric: str, head: str = "", results: pd.DataFrame | None = None,
+                c: pd.DataFrame | None = None) -> list[str]:
+    """One paragraph per task and init of claim (a)'s table ``a`` (Holm's family is all of ``a``): ``head`` and the
+    task in bold, claim (a), the students of ``results`` that predict a single class, claim (b) from ``b`` and
+    claim (c) from ``c``; ``results`` and ``c`` where given, (b) and (c) where their table has the task and init."""
     lines = []
     family = int(a.n_seeds.ge(MIN_SEEDS).sum())
     for (task, init), diffs in a.groupby(GROUP):
-        text = f"**{_name(task, init)}** ({metric.replace('_', ' ')}). " + _claim_a(diffs, family)
-        text += _collapsed(results, task, init, metric)
+        text = f"**{head}{_name(task, init)}** ({metric.replace('_', ' ')}). " + _claim_a(diffs, family)
+        if results is not None:
+            text += _collapsed(results, task, init, metric)
         spreads = b[(b.task == task) & (b.init == init)]
         if not spreads.empty:
             text += _claim_b(spreads.iloc[0])
-        angle = c[(c.task == task) & (c.init == init)]
+        angle = c[(c.task == task) & (c.init == init)] if c is not None else pd.DataFrame()
         if not angle.empty:
-            g = angle.iloc[0]
-            text += f" (c) Acute angles: {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
-            if "ratio_trained" in g:
-                text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
-            text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
-            text += "; ".join(_rank_correlation(g, prefix, name) for prefix, _, name in plots.VERDICT_GEOMETRY.values()
-                              if f"{prefix}_spearman_rho" in g) + "."
+            text += _claim_c(angle.iloc[0], metric)
         lines.append(text)
     return lines
+
+
+def sentences(results: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, c: pd.DataFrame, metric: str) -> list[str]:
+    """One plain paragraph per task and init, every number from the three tables."""
+    return _paragraphs(a, b, metric, results=results, c=c)
 
 
 def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric: str = "test_accuracy",
