@@ -112,6 +112,14 @@ def mean_thales_ratio(angles: pd.DataFrame) -> float | None:
     return float((chosen.mean_thales_ratio * chosen.n_tokens).sum() / chosen.n_tokens.sum())
 
 
+def anchor_layers(loaded: LoadedRun, view: StackView) -> list[int]:
+    """The student layers of ``view`` whose states are compared with the teacher's: all of them at the teacher's
+    width, those with a learned projection for a narrower student (none when it was matched to nothing)."""
+    narrow = loaded.student_width != loaded.teacher_width
+    return [l for l in range(view.student_layers + 1)
+            if not narrow or loaded.student.projection_matrix(l, view.stack) is not None]
+
+
 class RunGeometry:
     """All accumulators for one (run, options) pass over one stack."""
 
@@ -119,8 +127,7 @@ class RunGeometry:
         self.loaded, self.options, self.view = loaded, options, view
         self.n_teacher, self.n_student = view.teacher_layers + 1, view.student_layers + 1
         self.projections = [loaded.student.projection_matrix(l, view.stack) for l in range(self.n_student)]
-        narrow = loaded.student_width != loaded.teacher_width
-        self.anchors = [l for l in range(self.n_student) if not narrow or self.projections[l] is not None]
+        self.anchors = anchor_layers(loaded, view)
         if not self.anchors:
             raise LayergeoError(
                 f"run {loaded.run.path} has a narrower student but no projections (strategy {loaded.strategy}); "

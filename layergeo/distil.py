@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType, extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel, set_seed
 
+from layergeo.analyse import anchor_layers
 from layergeo.cache import TeacherCache, teacher_digest
 from layergeo.config import OptimConfig, RunConfig
 from layergeo.errors import LayergeoError
@@ -197,14 +198,15 @@ def geometry_trace(config: RunConfig, run: RunDir, family, teacher, student: Stu
     if accelerator.distributed_type == DistributedType.FSDP:
         env["trace"] = {"used": False, "why": "FSDP shards the student; measure checkpoints with layergeo angles"}
         return None
-    if not len(student.projections) and family.width(student.model.config) != family.width(teacher.config):
+    trained = dataclasses.replace(config, matching=rail_schedule(config.matching, total))
+    loaded = live_run(run, trained, family, teacher, student, tokenizer, mapping.name)
+    if not all(anchor_layers(loaded, view) for view in loaded.stacks.values()):  # what RunGeometry refuses
         env["trace"] = {"used": False, "why": "a narrower student matched to nothing has no student->teacher projection"}
         return None
     env["trace"] = {"used": True, "examples": config.trace.examples, "probes": config.trace.probes, "every": config.trace.every}
     if not accelerator.is_main_process:
         return None
-    trained = dataclasses.replace(config, matching=rail_schedule(config.matching, total))
-    return GeometryTrace(run, live_run(run, trained, family, teacher, student, tokenizer, mapping.name), config.trace, device,
+    return GeometryTrace(run, loaded, config.trace, device,
                          cost=env["trace"])  # env.json's trace.seconds: the trace's own time in this sitting
 
 
