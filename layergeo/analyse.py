@@ -144,16 +144,22 @@ class RunGeometry:
             self.cka = LinearCKA([loaded.teacher_width] * self.n_teacher, [loaded.student_width] * self.n_student)
             self.transitions = TransitionCosine(len(self.anchors))
 
+    def project(self, student: torch.Tensor) -> torch.Tensor:
+        """The anchors' states W S_l: student (N, L_S+1, d_s) -> (N, anchors, d_t)."""
+        return torch.stack([self.loaded.student.project(l, student[:, l], self.view.stack) for l in self.anchors], 1)
+
     @torch.inference_mode()
-    def update(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
-        """teacher (N, L_T+1, d_t), student (N, L_S+1, d_s)."""
+    def update(self, teacher: torch.Tensor, student: torch.Tensor, projected: torch.Tensor | None = None) -> None:
+        """teacher (N, L_T+1, d_t), student (N, L_S+1, d_s); ``projected``: :meth:`project` of ``student`` when the
+        caller has it."""
         self.n_tokens += teacher.shape[0]
         update_angles(self.angles, teacher, student, self.anchors, self.projections, self.options.space)
+        if projected is None and (self.authors is not None or self.options.extras):
+            projected = self.project(student)
         if self.authors is not None:  # S_0 is a placeholder: the statistic starts at student layer 1
-            deep = [self.loaded.student.project(l, student[:, l], self.view.stack) for l in self.deep_anchors]
-            self.authors.update(teacher, torch.stack([deep[0], *deep], 1))
+            deep = projected[:, len(self.anchors) - len(self.deep_anchors):]
+            self.authors.update(teacher, torch.cat([deep[:, :1], deep], 1))
         if self.options.extras:
-            projected = torch.stack([self.loaded.student.project(l, student[:, l], self.view.stack) for l in self.anchors], 1)
             self.tt.update(teacher, teacher)
             self.ts.update(teacher, projected)
             self.ss.update(student, student)

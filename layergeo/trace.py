@@ -107,8 +107,8 @@ class GeometryTrace:
             for stack, geometry in geometries.items():
                 teacher = teacher_states[stack]
                 states = token_states(student[stack], masks[stack])
-                geometry.update(teacher, states)
-                projected = torch.stack([loaded.student.project(l, states[:, l], stack) for l in geometry.anchors], 1)
+                projected = geometry.project(states)
+                geometry.update(teacher, states, projected)
                 distances[stack].update(teacher, projected)
                 if b == 0:  # one token's states: the middle counted position of the first example
                     token = int(masks[stack][0].sum()) // 2
