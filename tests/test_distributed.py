@@ -114,16 +114,22 @@ def test_two_processes_give_the_mapping_and_losses_of_one(teacher, tmp_path):
     assert again.returncode != 0 and "is not empty" in again.stderr
 
 
-def test_a_lora_student_of_a_causal_lm_on_two_processes_trains_as_on_one(tmp_path):
-    """The causal family on 2 processes: a LoRA student (frozen base under DDP), completion-token
-    shares for CE, KL and the hidden term. The tiny Llama and the preset's adapter have no dropout."""
+NARROW = ("student.lora.r=null", "student.init=random", "student.hidden_size=32")  # full fine-tuning, trained projections
+
+
+@pytest.mark.parametrize("student", [(), NARROW], ids=["lora", "narrow-with-projections"])
+def test_a_causal_lm_student_on_two_processes_trains_as_on_one(student, tmp_path):
+    """The causal family on 2 processes: a LoRA student (frozen base under DDP) or a narrower student with
+    trained projections (a LoRA student keeps its teacher's width), completion-token shares for CE, KL and
+    the hidden term. The tiny Llama and the preset's adapter have no dropout."""
     teacher = tmp_path / "teacher"
     assert main(["teacher", "--preset", "causal-tiny", "--out", str(teacher), "--set", "data.max_train=64",
                  "--set", "device=cpu"]) == 0
     one, two = tmp_path / "one", tmp_path / "two"
     for out, processes in ((one, 1), (two, 2)):
-        done = _train(out, teacher, processes, preset="causal-tiny")
+        done = _train(out, teacher, processes, preset="causal-tiny", extra=student)
         assert done.returncode == 0, done.stderr[-3000:]
+    assert (two / "checkpoints" / "best" / "projections.safetensors").is_file() == bool(student)
     assert json.loads((two / "env.json").read_text())["processes"] == 2
     steps = {n: [r for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for n, d in (("one", one), ("two", two))}
     assert [r["step"] for r in steps["two"]] == [1, 2, 3, 4]
