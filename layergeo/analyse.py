@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from layergeo import plots
+from layergeo.cells import cells_label, headline_cells
 from layergeo.collect import LoadedRun, StackView, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
 from layergeo.progress import progress_bar
@@ -45,6 +46,7 @@ class AngleOptions:
     batch_size: int = 32
     device: str = "auto"
     extras: bool = False  # distances, distance ratio, CKA, transition cosine
+    with_embeddings: bool = False  # headline numbers and figures over every cell, not the authors' (layergeo.cells)
 
     def tag(self) -> str:
         """Folder name that identifies the options that change the numbers."""
@@ -110,6 +112,29 @@ def mean_thales_ratio(angles: pd.DataFrame) -> float | None:
     if chosen.empty:
         return None
     return float((chosen.mean_thales_ratio * chosen.n_tokens).sum() / chosen.n_tokens.sum())
+
+
+def summary_fractions(angles: pd.DataFrame, with_embeddings: bool = False, matched: list | None = None,
+                      forward: list | None = None) -> dict:
+    """One run's (one stack's) summary numbers from its angles cells.
+
+    Over the headline cells (:func:`layergeo.cells.headline_cells`: the authors' by default, every cell
+    ``with_embeddings``): frac_acute, thales_ratio and, given the matched and forward (student, teacher) pairs,
+    frac_acute_matched, frac_acute_forward and frac_acute_matched_vs_forward (None without pairs); over every cell:
+    frac_acute_all and thales_ratio_all; ``cells`` names the headline cells.
+    """
+    cells = headline_cells(angles, with_embeddings)
+    matched, forward = [tuple(p) for p in matched or []], [tuple(p) for p in forward or []]
+    return {
+        "frac_acute": acute_fraction(cells),
+        "frac_acute_matched": acute_fraction(cells, matched) if matched else None,
+        "frac_acute_forward": acute_fraction(cells, forward) if forward else None,
+        "frac_acute_matched_vs_forward": acute_fraction(cells, matched, dict(forward)) if matched else None,
+        "frac_acute_all": acute_fraction(angles),
+        "thales_ratio": mean_thales_ratio(cells),
+        "thales_ratio_all": mean_thales_ratio(angles),
+        "cells": cells_label(cells),
+    }
 
 
 def anchor_layers(loaded: LoadedRun, view: StackView) -> list[int]:
@@ -218,8 +243,10 @@ def _matches(out: Path, options: AngleOptions, run: RunDir) -> bool:
     if not summary.is_file() or not run.finished or summary.stat().st_mtime < run.results_file.stat().st_mtime:
         return False
     recorded = json.loads(summary.read_text()).get("options", {})
-    # an analysis with the extras (geometry) also answers a request without them (angles): same folder, a superset
-    same = recorded == {**asdict(options), "device": recorded.get("device"), "extras": recorded.get("extras")}
+    # an analysis with the extras (geometry) also answers a request without them (angles): same folder, a superset;
+    # with_embeddings changes only the headline, which a comparison computes from angles.csv
+    free = ("device", "extras", "with_embeddings")
+    same = {k: v for k, v in recorded.items() if k not in free} == {k: v for k, v in asdict(options).items() if k not in free}
     has_extras = (out / "cka.csv").is_file() or any(out.glob("*/cka.csv"))
     return same and (recorded.get("extras") or not options.extras) and (not options.extras or has_extras)
 
@@ -232,8 +259,8 @@ def _write_stacks(out: Path, geometries: dict[str, RunGeometry], options: AngleO
         frames.append(angles)
     write_text(out / "angles.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
     loaded = next(iter(geometries.values())).loaded
-    keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "frac_acute_deep",
-            "authors_mean_cos", "thales_ratio")
+    keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "frac_acute_all",
+            "authors_mean_cos", "thales_ratio", "thales_ratio_all", "cells")
     summary = {**describe(loaded), "source": source, "n_examples": n_examples,
                "n_tokens": {stack: s["n_tokens"] for stack, s in stacks.items()},
                **{f"{key}_{stack}": s[key] for key in keys for stack, s in stacks.items()},
@@ -267,31 +294,29 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         if several:
             authors.insert(0, "stack", view.stack)
         write_text(out / "authors_cosine_hist.csv", authors.to_csv(index=False))
-    forward_target = dict(view.forward_pairs)
     summary = {
         **describe(loaded),
         **({"stack": view.stack} if several else {}),
         "source": source,
         "n_examples": n_examples,
         "n_tokens": n_tokens,
-        "frac_acute": acute_fraction(angles),
-        "frac_acute_matched": acute_fraction(angles, view.matched_pairs) if view.matched_pairs else None,
-        "frac_acute_forward": acute_fraction(angles, view.forward_pairs),
-        "frac_acute_matched_vs_forward": acute_fraction(angles, view.matched_pairs, forward_target) if view.matched_pairs else None,
-        "frac_acute_deep": acute_fraction(angles[(angles.student_layer >= 1) & (angles.teacher_i >= 1)]),
+        **summary_fractions(angles, options.with_embeddings, view.matched_pairs, view.forward_pairs),
         "authors_mean_cos": geometry.authors.mean() if geometry.authors is not None else None,
-        "thales_ratio": mean_thales_ratio(angles),
         "matched_pairs": view.matched_pairs,
         "forward_pairs": view.forward_pairs,
         "n_degenerate": int(angles.n_degenerate.sum()),
         "options": asdict(options),
         "definitions": {
-            "frac_acute": "share of (token, student layer, teacher pair) angles with cos > 0",
-            "frac_acute_matched": "angles at S_s having the teacher state S_s was matched to as one side",
+            "cells": "the headline cells: student layers >= 1 and teacher pairs among layers >= 1 (the authors'; no "
+                     "embedding output), or every cell with options.with_embeddings",
+            "frac_acute": "share of (token, student layer, teacher pair) angles with cos > 0, over the headline cells",
+            "frac_acute_all": "the same over every cell (S0 and the teacher pairs with T0 included)",
+            "frac_acute_matched": "headline angles at S_s having the teacher state S_s was matched to as one side",
             "frac_acute_forward": "the same for the teacher state forward matching would have used",
             "frac_acute_matched_vs_forward": "the angle at S_s between its matched and its forward target (where they differ)",
-            "thales_ratio": "token-weighted mean of |S - (T_i + T_k)/2| / (|T_i - T_k| / 2); > 1 exactly when the angle is acute",
-            "frac_acute_deep": "frac_acute over student layers >= 1 and teacher pairs among layers >= 1 (no embedding output)",
+            "thales_ratio": "token-weighted mean of |S - (T_i + T_k)/2| / (|T_i - T_k| / 2) over the headline cells; > 1 "
+                            "exactly when the angle is acute",
+            "thales_ratio_all": "the same over every cell",
             "authors_mean_cos": "the authors' statistic (CosineFromStudent): per token, the mean cosine over student layers "
                                 ">= 1 and teacher pairs 1 <= i < k, then the mean over tokens; its histogram (1000 bins) "
                                 "is authors_cosine_hist.csv",
@@ -299,9 +324,13 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
     }
     where = f"{view.stack} stack, " if several else ""
     name = f"{loaded.run.path.name} ({where}{plots.strategy_label(loaded.strategy)}, {options.checkpoint}, {options.space} space)"
-    plots.save_figure(plots.angle_heatmaps(angles, "frac_acute", f"Fraction of acute angles: {name}"), out / "angles_frac_acute")
-    plots.save_figure(plots.angle_heatmaps(angles, "mean_angle_deg", f"Mean angle: {name}"), out / "angles_mean_deg")
-    plots.save_figure(plots.cosine_histograms(hist, f"Cosines seen from the student: {name}"), out / "angle_hist")
+    embeddings = options.with_embeddings
+    if not headline_cells(angles, embeddings).empty:  # a narrow student projected at S0 alone has no headline cell
+        plots.save_figure(plots.angle_heatmaps(angles, "frac_acute", f"Fraction of acute angles: {name}", embeddings),
+                          out / "angles_frac_acute")
+        plots.save_figure(plots.angle_heatmaps(angles, "mean_angle_deg", f"Mean angle: {name}", embeddings), out / "angles_mean_deg")
+        plots.save_figure(plots.cosine_histograms(hist, f"Cosines seen from the student: {name}", with_embeddings=embeddings),
+                          out / "angle_hist")
     if options.extras:
         anchors = [student_labels[l] for l in geometry.anchors]
         tt, ts, ss = geometry.tt.mean(), geometry.ts.mean(), geometry.ss.mean()
@@ -425,10 +454,10 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
             scores = {k: summary[k] for k in ("dev_accuracy", "dev_bleu") if k in summary}
             for stack, part in summary.get("stacks", {None: summary}).items():
                 rows = angles if stack is None else angles[angles["stack"] == stack]
-                summaries.append({**ident, **({"stack": stack} if stack else {}),
-                                  **{k: part[k] for k in part if k.startswith("frac_acute")},
-                                  "thales_ratio": mean_thales_ratio(rows), "authors_mean_cos": part.get("authors_mean_cos"),
-                                  "n_tokens": part["n_tokens"],
+                # from the cells, not summary.json: older analyses' frac_acute covered every cell
+                fractions = summary_fractions(rows, options.with_embeddings, part.get("matched_pairs"), part.get("forward_pairs"))
+                summaries.append({**ident, **({"stack": stack} if stack else {}), **fractions,
+                                  "authors_mean_cos": part.get("authors_mean_cos"), "n_tokens": part["n_tokens"],
                                   "dev_accuracy": scores.get("dev_accuracy"), **scores})
     if not frames:
         raise LayergeoError("none of the runs could be analysed")
@@ -441,12 +470,12 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
     write_text(out / "acute_summary.csv", table.to_csv(index=False))
     write_text(out / "pooled.csv", settings.to_csv(index=False))
     if "stack" not in table:
-        plots.save_figure(plots.comparison_grid(tidy, "frac_acute"), out / "angles_by_strategy")
+        plots.save_figure(plots.comparison_grid(tidy, "frac_acute", with_embeddings=options.with_embeddings), out / "angles_by_strategy")
         plots.save_figure(plots.acute_fraction_points(table), out / "acute_fraction_by_strategy")
         return table
     for stack in table["stack"].dropna().unique():  # one figure per stack: an encoder's and a decoder's angles differ
         title = f" ({stack} stack)"
-        plots.save_figure(plots.comparison_grid(tidy[tidy["stack"] == stack], "frac_acute", title=title),
+        plots.save_figure(plots.comparison_grid(tidy[tidy["stack"] == stack], "frac_acute", title, options.with_embeddings),
                           out / f"angles_by_strategy_{stack}")
         plots.save_figure(plots.acute_fraction_points(table[table["stack"] == stack], title=title),
                           out / f"acute_fraction_by_strategy_{stack}")

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--bins", type=int, default=200, help="histogram bins on [-1, 1] (default 200)")
         cmd.add_argument("--batch-size", type=int, default=32)
         cmd.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        cmd.add_argument("--with-embeddings", action="store_true",
+                         help="include the embedding output S0 and teacher pairs with T0 in the headline numbers and "
+                              "figures (default: student layers >= 1 and teacher pairs among layers >= 1, as the paper's "
+                              "authors measure; angles.csv and angle_hist.csv always hold every cell)")
         cmd.add_argument("--out", metavar="DIR", help="output folder (default: <run>/geometry/<checkpoint>-<space>-<source>/; "
                                                       "with --runs: ./angles-comparison)")
     sweep = sub.add_parser("sweep", help="run every combination of a grid file", epilog=EXAMPLES["sweep"],
@@ -361,15 +365,18 @@ def run_angles(args: argparse.Namespace) -> int:
         raise LayergeoError("--checkpoint both needs --runs; with --run choose init or best")
     options = AngleOptions(checkpoint=checkpoints[0], space=args.space, split=args.split, texts=args.texts,
                            max_examples=args.max_examples, max_length=args.max_length, bins=args.bins,
-                           batch_size=args.batch_size, device=args.device, extras=args.command == "geometry")
+                           batch_size=args.batch_size, device=args.device, extras=args.command == "geometry",
+                           with_embeddings=args.with_embeddings)
     options.check()
     if args.run:
         out = analyse_run(args.run, options, Path(args.out) if args.out else None)
         summary = json.loads((out / "summary.json").read_text())
         per_stack = summary.get("stacks", {"": summary})
         for stack, part in per_stack.items():
+            acute = ("no angle at the student measured" if part["frac_acute"] is None
+                     else f"{part['frac_acute']:.1%} of the angles at the student are acute")
             print(f"{stack + ' stack: ' if stack else ''}{part['n_tokens']} tokens of {summary['n_examples']} examples: "
-                  f"{part['frac_acute']:.1%} of the angles at the student are acute")
+                  f"{acute} ({part['cells']})")
         print(f"tables and figures in {out}" + (f" ({', '.join(f'{s}/' for s in per_stack)} per stack)" if len(per_stack) > 1 else ""))
         return 0
     out = Path(args.out or "angles-comparison")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from layergeo import plots
-from layergeo.analyse import acute_fraction, expand_runs, mean_thales_ratio, pooled_settings
+from layergeo.analyse import expand_runs, pooled_settings, summary_fractions
 from layergeo.errors import LayergeoError
 from layergeo.families import get_family
 from layergeo.runs import RunDir, read_jsonl, write_text
@@ -28,11 +28,13 @@ from layergeo.trace import STRATEGIES, TOKEN, alignment_tables, trace_tables
 
 
 def deep_geometry(angles: pd.DataFrame) -> pd.DataFrame:
-    """Per stack and step: the token-weighted acute fraction and mean Thales ratio over student layers >= 1
-    and teacher pairs among layers >= 1 (the authors' selection)."""
-    deep = angles[(angles.student_layer >= 1) & (angles.teacher_i >= 1)]
-    rows = [{"stack": stack, "step": step, "frac_acute": acute_fraction(group), "thales_ratio": mean_thales_ratio(group)}
-            for (stack, step), group in deep.groupby(["stack", "step"])]
+    """Per stack and step: the token-weighted acute fraction and mean Thales ratio over the headline cells, student
+    layers >= 1 and teacher pairs among layers >= 1 (the authors' selection; ``analyse.summary_fractions``), and
+    ``cells``, their name."""
+    rows = []
+    for (stack, step), group in angles.groupby(["stack", "step"]):
+        fractions = summary_fractions(group)
+        rows.append({"stack": stack, "step": step, **{k: fractions[k] for k in ("frac_acute", "thales_ratio", "cells")}})
     return pd.DataFrame(rows)
 
 
@@ -152,7 +154,7 @@ def summary_text(trace: RunTrace, planes: dict | None) -> str:
     first, last = g.iloc[0], g.iloc[-1]
     lines = [f"# {run.path.name}: what its trace shows\n",
              f"Strategy {plots.strategy_label(strategy)}; {stack} stack; probes at steps {', '.join(map(str, g.step))}.\n",
-             f"- Angles at the student (layers ≥ 1, teacher pairs among layers ≥ 1): {100 * first.frac_acute:.1f}% acute at "
+             f"- Angles at the student ({first.cells}): {100 * first.frac_acute:.1f}% acute at "
              f"step {first.step}, {100 * last.frac_acute:.1f}% at step {last.step}; the Thales ratio (distance from a pair's "
              f"midpoint in units of half the pair's distance; above 1 = acute) went from {first.thales_ratio:.2f} to "
              f"{last.thales_ratio:.2f}. An acute angle means a step toward one teacher layer also shortens the distance to "

@@ -83,12 +83,10 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
     stacked = "stack" in hist
     for key, group in hist.groupby(["stack", "init", "checkpoint"] if stacked else ["init", "checkpoint"]):
         stack, init, checkpoint = key if stacked else (None, *key)
-        lines = group.groupby(["strategy", "bin_left", "bin_right"], as_index=False)["count"].sum()
         where = f" ({stack} stack)" if stacked else ""
-        title = (f"Cosines seen from the student, all layers{where}: {plots.INIT_LABELS.get(init, init)}, "
-                 f"{plots.CHECKPOINT_LABELS[checkpoint]}")
+        title = f"Cosines seen from the student{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
         stem = f"cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stacked else "")
-        plots.save_figure(plots.cosine_histograms(lines, title, by="strategy"), out / stem)
+        plots.save_figure(plots.cosine_histograms(group, title, by="strategy"), out / stem)
     losses = loss_terms(root)
     for (init, task), group in losses.groupby(["init", "task"]):
         curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()

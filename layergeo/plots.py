@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from layergeo.cells import cells_label, headline_cells, layer_names
 from layergeo.errors import LayergeoError
 
 matplotlib.use("Agg")  # headless, before pyplot is imported
@@ -154,6 +155,15 @@ def _value_scale(value: str) -> ValueScale:
     return VALUE_SCALES[value]
 
 
+def _headline(frame: pd.DataFrame, with_embeddings: bool, what: str) -> pd.DataFrame:
+    """The headline cells of ``frame`` (``layergeo.cells.headline_cells``), or one line saying there are none."""
+    cells = headline_cells(frame, with_embeddings)
+    if cells.empty:
+        raise LayergeoError(f"{what}: no cell at student layers >= 1 (and teacher layers >= 1); with_embeddings "
+                            "(--with-embeddings) draws the embedding output")
+    return cells
+
+
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     if len(frame) == 0:
         raise LayergeoError(f"{what}: the table is empty, there is nothing to plot")
@@ -223,14 +233,17 @@ def _shared_colorbar(fig: Figure, mesh: QuadMesh, axes: list[plt.Axes], scale: V
 
 
 @_themed
-def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str | None = None) -> Figure:
+def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str | None = None,
+                   with_embeddings: bool = False) -> Figure:
     """One teacher i x teacher k heatmap of `value` per student layer, on a fixed colour scale.
 
     Columns: student_layer, teacher_i, teacher_k (i < k) and `value`, one of frac_acute,
-    mean_angle_deg, mean_cos. Repeated (student_layer, i, k) rows are averaged.
+    mean_angle_deg, mean_cos. Repeated (student_layer, i, k) rows are averaged. Student layers >= 1 and
+    teacher layers >= 1 only (``layergeo.cells``), every layer ``with_embeddings``.
     """
     scale = _value_scale(value)
     _require(angles, ["student_layer", "teacher_i", "teacher_k", value], "angle heatmaps")
+    angles = _headline(angles, with_embeddings, "angle heatmaps")
     layers = sorted(angles["student_layer"].unique())
     teachers = _teacher_states(angles)
     ncols = min(MAX_PANEL_COLUMNS, len(layers))
@@ -256,14 +269,17 @@ def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str |
 
 
 @_themed
-def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "student_layer") -> Figure:
+def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "student_layer",
+                      with_embeddings: bool = False) -> Figure:
     """Density of cos(angle between the vectors to T_i and T_k), one line per ``by`` level.
 
-    Columns: ``by`` (student_layer or strategy), bin_left, bin_right, count; rows with the same
-    bin are summed (e.g. over teacher pairs). The legend gives each line's mass at cos > 0
-    (bins with bin_left >= 0).
+    Columns: student_layer, ``by`` (student_layer or strategy), bin_left, bin_right, count; rows with
+    the same ``by`` level and bin are summed (over teacher pairs, student layers, runs). Student layers
+    >= 1 only, every layer ``with_embeddings``; the title says which. The legend gives each line's
+    mass at cos > 0 (bins with bin_left >= 0).
     """
-    _require(hist, [by, "bin_left", "bin_right", "count"], "cosine histograms")
+    _require(hist, list(dict.fromkeys(["student_layer", by, "bin_left", "bin_right", "count"])), "cosine histograms")
+    hist = _headline(hist, with_embeddings, "cosine histograms")
     counts = hist.groupby([by, "bin_left", "bin_right"], as_index=False)["count"].sum()
     if by == "strategy":
         levels = sort_strategies(counts[by].unique())
@@ -294,8 +310,7 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
     ax.set_ylabel("Density")
     ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     sns.despine(ax=ax)
-    if title:
-        fig.suptitle(title, fontsize="medium")
+    fig.suptitle(f"{title} ({cells_label(hist)})" if title else cells_label(hist), fontsize="medium")
     return fig
 
 
@@ -368,24 +383,19 @@ def matrix_heatmap(
 # ---------------------------------------------------------------- comparisons across runs
 
 
-def _layer_range(layers: list[int]) -> str:
-    return f"S{layers[0]}" if len(layers) == 1 else f"S{layers[0]}–S{layers[-1]}"
-
-
 @_themed
-def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = "") -> Figure:
+def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = "", with_embeddings: bool = False) -> Figure:
     """Teacher i x teacher k heatmaps of `value`: one column per strategy, one row per (init, checkpoint).
 
     Columns: run, strategy, init, checkpoint, student_layer, teacher_i, teacher_k and `value`.
-    Each panel averages over student layers >= 1 (layer 0 only if there are no others), first
-    within each run, then over runs. Same fixed colour scale as :func:`angle_heatmaps`. ``title``
-    is added to the figure title (e.g. the stack).
+    Each panel averages over student layers >= 1 and shows teacher layers >= 1 (every layer
+    ``with_embeddings``), first within each run, then over runs; the title names the layers averaged.
+    Same fixed colour scale as :func:`angle_heatmaps`. ``title`` is added to the figure title (e.g. the stack).
     """
     scale = _value_scale(value)
     columns = ["run", "strategy", "init", "checkpoint", "student_layer", "teacher_i", "teacher_k", value]
     _require(tidy, columns, "comparison grid")
-    deep = tidy[tidy["student_layer"] >= 1]
-    used = deep if len(deep) else tidy[tidy["student_layer"] == 0]
+    used = _headline(tidy, with_embeddings, "comparison grid")
     strategies = sort_strategies(used["strategy"].unique())
     present = set(zip(used["init"], used["checkpoint"]))
     rows = [
@@ -421,8 +431,7 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
             ax.set_ylabel(row_label if c == 0 else "", fontweight="bold")
             ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
     _shared_colorbar(fig, mesh, list(axes.flat), scale)
-    layers = sorted(used["student_layer"].unique())
-    fig.suptitle(f"{scale.label}, mean over student layers {_layer_range(layers)} and runs{title}")
+    fig.suptitle(f"{scale.label}, mean over student layers {layer_names('S', used['student_layer'])} and runs{title}")
     return fig
 
 
@@ -602,7 +611,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
     one dot per student.
 
     diffs: task, init, strategy, mean_diff, ci_low, ci_high [, ci_level]; spreads: task, init, spread,
-    p_permutation [, friedman_p]; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_...];
+    p_permutation [, friedman_p]; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_..., cells];
     trained: task, init, strategy, frac_acute [, thales_ratio], <metric> (one row per trained student).
     """
     _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
@@ -652,7 +661,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
             rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
             ax.set_title(f"(c) ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g}" if np.isfinite(rho) else "(c) ρ undefined",
                          loc="left")
-            ax.set_xlabel(xlabel)
+            ax.set_xlabel(f"{xlabel}\n({corr.cells.iloc[0]})" if "cells" in corr and len(corr) else xlabel)
             ax.set_ylabel(label)
             sns.despine(ax=ax)
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
@@ -730,7 +739,7 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
     circle, and with gradient traces (d) the layer-alignment matrices at start, middle and end and (e) each
     pull's cosine with the task gradient over training.
 
-    geometry: stack, step, frac_acute, thales_ratio; distances: stack, step, matched, unmatched; plane: see
+    geometry: stack, step, frac_acute, thales_ratio, cells; distances: stack, step, matched, unmatched; plane: see
     ``explain.token_plane``; layers: step, stack, student_layer, teacher_i, teacher_k, cosine; terms: step, term,
     cosine_with_ce (both may be empty).
     """
@@ -745,7 +754,7 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
     ax.set_xlabel("Training step")
     ax.set_ylabel("Fraction of acute angles", color=_COLORBLIND[0])
     twin.set_ylabel("Mean Thales ratio (> 1: acute)", color=_COLORBLIND[3])
-    ax.set_title("(a) Angles at the student, layers ≥ 1", loc="left")
+    ax.set_title(f"(a) Angles at the student, {'; '.join(dict.fromkeys(geometry['cells']))}", loc="left")
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles=lines, frameon=False, fontsize="small", loc="best")
     ax = fig.add_subplot(grid[0, 1])

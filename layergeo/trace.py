@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from layergeo.alignment import cosines_with, first_order_check, flat_gradient, layer_alignment, strategy_pulls
-from layergeo.analyse import AngleOptions, RunGeometry
+from layergeo.analyse import AngleOptions, RunGeometry, summary_fractions
 from layergeo.collect import LoadedRun, stack_views, texts_loader, token_states
 from layergeo.config import RunConfig, TraceConfig
 from layergeo.families import Family
@@ -79,8 +79,9 @@ class GeometryTrace:
         return probe_steps(self.settings, total)
 
     def record(self, step: int, epoch: int = 0) -> dict[str, float]:
-        """Append this step's rows; returns their summary for the trackers: per stack the mean acute fraction,
-        Thales ratio and distance over its (student layer, teacher layer or pair) rows, and with
+        """Append this step's rows; returns their summary for the trackers: per stack the token-weighted acute
+        fraction and Thales ratio over the headline cells (student layers >= 1, teacher pairs among layers >= 1;
+        ``layergeo.cells``), the mean distance over its (student layer, teacher layer) rows, and with
         ``trace.gradients`` each term's cosine with the cross-entropy gradient."""
         started = time.perf_counter()
         summary = self._record_geometry(step)
@@ -126,9 +127,9 @@ class GeometryTrace:
             angle_rows.append(angles[["student_layer", "teacher_i", "teacher_k", "n_tokens", "frac_acute", "mean_thales_ratio"]]
                               .assign(step=step, stack=stack))
             mean = distances[stack].mean()  # (teacher layers, anchors)
-            summary |= {f"trace/{stack}/frac_acute": float(angle_rows[-1].frac_acute.mean()),
-                        f"trace/{stack}/mean_thales_ratio": float(angle_rows[-1].mean_thales_ratio.mean()),
-                        f"trace/{stack}/distance": float(mean.mean())}
+            fractions = summary_fractions(angle_rows[-1])  # the headline cells, as in summary.json
+            named = {"frac_acute": fractions["frac_acute"], "mean_thales_ratio": fractions["thales_ratio"], "distance": float(mean.mean())}
+            summary |= {f"trace/{stack}/{name}": value for name, value in named.items() if value is not None}
             distance_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_layer": i, "distance": float(mean[i, a])}
                               for a, j in enumerate(geometry.anchors) for i in range(geometry.n_teacher)]
         angles = pd.concat(angle_rows, ignore_index=True)

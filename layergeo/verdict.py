@@ -17,11 +17,13 @@ so every comparison below is made within seeds (``layergeo.stats``, where scipy 
     predict accuracy? Mean fraction of acute angles per checkpoint, and the Spearman rank
     correlation (scipy) between the trained fraction and the metric across matching students; the
     same for the Thales ratio (the student's distance from two teacher states in units of half
-    their distance), which still ranks students when every angle is acute.
+    their distance), which still ranks students when every angle is acute. Both over the cells the
+    acute table names (``layergeo.cells``; ``layergeo figures`` writes the authors': student layers
+    >= 1, teacher pairs among layers >= 1).
 
 Inputs are two tidy tables: the runs (``report/results_all.csv``: run, task, init, strategy,
 seed, metrics in %) and the acute-angle summary (``figures/acute_summary.csv``: run,
-checkpoint, frac_acute [, thales_ratio], one row per run and checkpoint).
+checkpoint, frac_acute [, thales_ratio, cells], one row per run and checkpoint).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from scipy import stats
 
 from layergeo import plots
 from layergeo.budgets import collect_budget_results
+from layergeo.cells import table_cells
 from layergeo.errors import LayergeoError
 from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, student_runs, summary_stats
 from layergeo.runs import write_text
@@ -77,7 +80,8 @@ def spread_vs_noise(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Claim (c): per task and init, the mean acute fraction (and Thales ratio, when the table has it)
-    untrained and trained, and the Spearman correlation of each trained value with the metric."""
+    untrained and trained, the Spearman correlation of each trained value with the metric, and the cells
+    they cover (``cells.table_cells``)."""
     missing = {"run", "checkpoint", "frac_acute"} - set(acute.columns)
     if missing:
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
@@ -97,7 +101,8 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
             rho, p = stats.spearmanr(trained[f"{prefix}_trained"], trained[metric]) if varies else (np.nan, np.nan)
             row |= {f"{prefix}_untrained": group[f"{prefix}_untrained"].mean(), f"{prefix}_trained": group[f"{prefix}_trained"].mean(),
                     f"{prefix}_spearman_rho": float(rho), f"{prefix}_spearman_p": float(p)}
-        rows.append(row | {"n_students": len(group.dropna(subset=["acute_trained", metric]))})
+        rows.append(row | {"n_students": len(group.dropna(subset=["acute_trained", metric])),
+                           "cells": table_cells(acute[acute.run.isin(group.run)])})
     if not rows:
         raise LayergeoError("no run of the acute-angle table matches a finished matching student; "
                             "were they made from the same sweep?")
@@ -225,7 +230,7 @@ def _claim_b(s: pd.Series) -> str:
 
 
 def _claim_c(g: pd.Series, metric: str) -> str:
-    text = f" (c) Acute angles: {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
+    text = f" (c) Acute angles ({g.cells}): {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
     if "ratio_trained" in g:
         text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
     text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
@@ -277,7 +282,8 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
               "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds",
               "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds, the mean "
               "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
-              "(c) Fraction of acute angles and Thales ratio at the student; Spearman of each trained value with the metric"]
+              "(c) Fraction of acute angles and Thales ratio at the student over the cells named (cells); Spearman of "
+              "each trained value with the metric"]
     text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", INTRO, "\n\n".join(sentences(results, a, b, c, metric)), ""]
     if budgets is not None and not budgets.empty:
         text += ["## At each training budget\n", BUDGET_INTRO, "\n\n".join(write_budget_verdict(budgets, out, metric)), "",

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
+from layergeo.analyse import summary_fractions
 from layergeo.cli import main
 
 SENTENCES = [
@@ -109,9 +110,12 @@ def test_angles_equal_a_from_scratch_recomputation(runs, tmp_path, name, checkpo
     tokens = int((expected.n_tokens + expected.n_degenerate).iloc[0])
     assert summary["n_examples"] == len(SENTENCES) and summary["n_tokens"] == tokens
     acute = (expected.frac_acute * expected.n_tokens).sum() / expected.n_tokens.sum()
-    assert summary["frac_acute"] == pytest.approx(acute, abs=1e-9)
+    assert summary["frac_acute_all"] == pytest.approx(acute, abs=1e-9)
     ratio = (expected.thales * expected.n_tokens).sum() / expected.n_tokens.sum()
-    assert summary["thales_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert summary["thales_ratio_all"] == pytest.approx(ratio, rel=1e-5)
+    deep = expected[(expected.student_layer >= 1) & (expected.teacher_i >= 1)]  # the authors' cells: the headline
+    assert summary["frac_acute"] == pytest.approx(np.average(deep.frac_acute, weights=deep.n_tokens), abs=1e-9)
+    assert summary["thales_ratio"] == pytest.approx(np.average(deep.thales, weights=deep.n_tokens), rel=1e-5)
     for stem in ("angles_frac_acute", "angles_mean_deg", "angle_hist"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
 
@@ -155,8 +159,76 @@ def test_compare_runs_writes_a_tidy_table(runs, tmp_path):
     summary = pd.read_csv(out / "acute_summary.csv")
     for (run, checkpoint), cells in tidy[tidy.n_tokens > 0].groupby(["run", "checkpoint"]):
         row = summary[(summary.run == run) & (summary.checkpoint == checkpoint)].iloc[0]
-        assert row.thales_ratio == pytest.approx(np.average(cells.mean_thales_ratio, weights=cells.n_tokens), rel=1e-9)
+        assert row.thales_ratio_all == pytest.approx(np.average(cells.mean_thales_ratio, weights=cells.n_tokens), rel=1e-9)
+        deep = cells[(cells.student_layer >= 1) & (cells.teacher_i >= 1)]
+        assert row.thales_ratio == pytest.approx(np.average(deep.mean_thales_ratio, weights=deep.n_tokens), rel=1e-9)
+        assert row.cells == "S1–S2, teacher pairs among T1–T4"
     assert (out / "angles_by_strategy.png").is_file() and (out / "acute_fraction_by_strategy.pdf").is_file()
+
+
+def _headline(angles: pd.DataFrame, column: str, everything: bool = False) -> float:
+    """Brute force: the token-weighted mean of ``column`` over the authors' cells (every cell with ``everything``)."""
+    keep = angles.n_tokens > 0
+    if not everything:
+        keep &= (angles.student_layer >= 1) & (angles.teacher_i >= 1)
+    return float(np.average(angles[keep][column], weights=angles[keep].n_tokens))
+
+
+def test_summary_fractions_equal_a_brute_force_filter_of_random_cells():
+    rng = np.random.default_rng(0)
+    cells = [(j, i, k) for j in range(4) for i, k in combinations(range(6), 2)]
+    angles = pd.DataFrame(cells, columns=["student_layer", "teacher_i", "teacher_k"]).assign(
+        n_tokens=rng.integers(0, 50, len(cells)), frac_acute=rng.uniform(0, 1, len(cells)),
+        mean_thales_ratio=rng.uniform(0.5, 4, len(cells)))
+    angles = angles.sample(frac=1, random_state=1)  # any order
+    default, every = summary_fractions(angles), summary_fractions(angles, with_embeddings=True)
+    assert default["frac_acute"] == pytest.approx(_headline(angles, "frac_acute"), rel=1e-12)
+    assert default["thales_ratio"] == pytest.approx(_headline(angles, "mean_thales_ratio"), rel=1e-12)
+    assert default["cells"] == "S1–S3, teacher pairs among T1–T5"
+    for fractions in (default, every):
+        assert fractions["frac_acute_all"] == pytest.approx(_headline(angles, "frac_acute", everything=True), rel=1e-12)
+        assert fractions["thales_ratio_all"] == pytest.approx(_headline(angles, "mean_thales_ratio", everything=True), rel=1e-12)
+    assert every["frac_acute"] == every["frac_acute_all"] and every["cells"] == "S0–S3, teacher pairs among T0–T5"
+    # matched pairs: angles at S_s with T_t as one side, among the headline cells only ((0, 0) has none)
+    matched = summary_fractions(angles, matched=[[0, 0], [2, 3]])["frac_acute_matched"]
+    at = angles[(angles.student_layer == 2) & (angles.teacher_i >= 1) & ((angles.teacher_i == 3) | (angles.teacher_k == 3))]
+    assert matched == pytest.approx(_headline(at, "frac_acute"), rel=1e-12)
+
+
+def test_the_printed_line_and_the_summary_use_the_authors_cells_unless_asked(runs, tmp_path, capsys):
+    for flag, everything in (([], False), (["--with-embeddings"], True)):
+        out = tmp_path / ("all" if everything else "authors")
+        assert _angles("--run", str(runs["reverse"]), "--max-examples", "8", "--out", str(out), *flag) == 0
+        angles = pd.read_csv(out / "angles.csv")
+        acute = _headline(angles, "frac_acute", everything)
+        cells = "S0–S2, teacher pairs among T0–T4" if everything else "S1–S2, teacher pairs among T1–T4"
+        assert f"{acute:.1%} of the angles at the student are acute ({cells})" in capsys.readouterr().out
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["frac_acute"] == pytest.approx(acute, rel=1e-12) and summary["cells"] == cells
+        assert summary["frac_acute_all"] == pytest.approx(_headline(angles, "frac_acute", True), rel=1e-12)
+        assert summary["options"]["with_embeddings"] is everything and "frac_acute_deep" not in summary
+
+
+def test_a_comparison_of_runs_analysed_by_older_code_reads_the_cells(runs, tmp_path):
+    """An older summary.json: frac_acute over every cell, frac_acute_deep over the authors' cells, no frac_acute_all."""
+    run = tmp_path / "runs" / "reverse"
+    shutil.copytree(runs["reverse"], run, ignore=shutil.ignore_patterns("geometry"))
+    assert _angles("--runs", str(run), "--max-examples", "8", "--out", str(tmp_path / "first")) == 0
+    (folder,) = (run / "geometry").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    old = {k: v for k, v in summary.items() if not k.endswith("_all") and k != "cells"}
+    old |= {"frac_acute": summary["frac_acute_all"], "frac_acute_deep": summary["frac_acute"],
+            "thales_ratio": summary["thales_ratio_all"], "options": {k: v for k, v in summary["options"].items() if k != "with_embeddings"}}
+    (folder / "summary.json").write_text(json.dumps(old))
+    angles = pd.read_csv(folder / "angles.csv")
+    for flag, everything in (([], False), (["--with-embeddings"], True)):
+        out = tmp_path / ("all" if everything else "authors")
+        assert _angles("--runs", str(run), "--max-examples", "8", "--out", str(out), *flag) == 0
+        assert json.loads((folder / "summary.json").read_text()) == old  # reused, not measured again
+        (row,) = pd.read_csv(out / "acute_summary.csv").itertuples()
+        assert row.frac_acute == pytest.approx(_headline(angles, "frac_acute", everything), rel=1e-12)
+        assert row.thales_ratio == pytest.approx(_headline(angles, "mean_thales_ratio", everything), rel=1e-12)
+        assert row.frac_acute_all == pytest.approx(_headline(angles, "frac_acute", True), rel=1e-12)
 
 
 def test_a_comparison_refuses_to_pool_unlike_runs_and_says_what_it_pooled(runs, tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_labels_order_and_palette():
     ],
 )
 def test_angle_heatmaps_panels_ticks_and_fixed_scale(value, clim, label):
-    fig = plots.angle_heatmaps(angles_frame(), value, title="Run A")
+    fig = plots.angle_heatmaps(angles_frame(), value, title="Run A", with_embeddings=True)
     panels = heatmap_axes(fig)
     assert [ax.get_title() for ax in panels] == ["Student layer S0", "Student layer S1", "Student layer S2"]
     assert fig.get_suptitle() == "Run A"
@@ -104,19 +104,26 @@ def test_angle_heatmaps_panels_ticks_and_fixed_scale(value, clim, label):
     assert "_" not in panels[0].get_xlabel()
 
 
-def test_angle_heatmaps_matrix_is_symmetric_with_blank_diagonal_and_annotated():
+def test_angle_heatmaps_leave_out_the_embedding_output_by_default():
     fig = plots.angle_heatmaps(angles_frame())
+    panels = heatmap_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["Student layer S1", "Student layer S2"]
+    assert all(ticks(ax.get_xticklabels()) == TEACHER_TICKS[1:] for ax in panels)
+
+
+def test_angle_heatmaps_matrix_is_symmetric_with_blank_diagonal_and_annotated():
+    fig = plots.angle_heatmaps(angles_frame(), with_embeddings=True)
     ax = heatmap_axes(fig)[0]
     cells = ax.collections[0].get_array().reshape(TEACHER_STATES, TEACHER_STATES)
     assert cells.mask.diagonal().all()
     assert cells[0, 3] == cells[3, 0] == pytest.approx(0.65)
     assert len(ax.texts) == TEACHER_STATES * (TEACHER_STATES - 1)  # every off-diagonal cell annotated
-    big = plots.angle_heatmaps(angles_frame(layers=[1], teachers=9))
+    big = plots.angle_heatmaps(angles_frame(layers=[1], teachers=9), with_embeddings=True)
     assert len(heatmap_axes(big)[0].texts) == 0  # 9 x 9: no annotation
 
 
 def test_angle_heatmaps_wrap_to_four_columns():
-    fig = plots.angle_heatmaps(angles_frame(layers=range(6)))
+    fig = plots.angle_heatmaps(angles_frame(layers=range(6)), with_embeddings=True)
     panels = heatmap_axes(fig)
     assert len(panels) == 6
     specs = [ax.get_subplotspec() for ax in panels]
@@ -146,12 +153,12 @@ def test_cosine_histograms_density_and_acute_fraction():
             for lo, hi, count in zip(edges[:-1], edges[1:], counts)
         ]
     )
-    fig = plots.cosine_histograms(hist, title="Cosines")
+    fig = plots.cosine_histograms(hist, title="Cosines", with_embeddings=True)
     (ax,) = fig.axes
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert legend == ["S0: 50.0% acute", "S1: 75.0% acute"]
     assert ax.get_xlim() == (-1, 1)
-    assert fig.get_suptitle() == "Cosines"
+    assert fig.get_suptitle() == "Cosines (S0–S1, every teacher pair (T0's included))"
     assert any(text.get_text() == "right angle" for text in ax.texts)
     layer_lines = [line for line in ax.get_lines() if line.get_label().startswith("S")]
     for line in layer_lines:
@@ -161,9 +168,12 @@ def test_cosine_histograms_density_and_acute_fraction():
     with pytest.raises(LayergeoError, match="empty"):
         plots.cosine_histograms(hist.iloc[:0])
     by_strategy = hist.assign(strategy=hist["student_layer"].map({0: "reverse", 1: "forward"}))
-    (ax,) = plots.cosine_histograms(by_strategy, by="strategy").axes
+    (ax,) = plots.cosine_histograms(by_strategy, by="strategy", with_embeddings=True).axes
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert legend == ["Forward: 75.0% acute", "Reverse: 50.0% acute"]
+    default = plots.cosine_histograms(by_strategy, title="Cosines", by="strategy")  # student layers >= 1: forward's S1
+    assert [text.get_text() for text in default.axes[0].get_legend().get_texts()] == ["Forward: 75.0% acute"]
+    assert default.get_suptitle() == "Cosines (S1, every teacher pair (T0's included))"
 
 
 # ---------------------------------------------------------------- generic matrix
@@ -211,14 +221,23 @@ def test_comparison_grid_facets_labels_scale_and_averaging():
         "Weights copied\nUntrained", "Weights copied\nTrained",
         "Randomly initialised\nUntrained", "Randomly initialised\nTrained",
     ]
-    assert "S1–S2" in fig.get_suptitle()
+    assert "mean over student layers S1–S2 and runs" in fig.get_suptitle()
     for ax in grid.values():
         assert ax.collections[0].get_clim() == (0, 1)
-        assert ticks(ax.get_xticklabels()) == TEACHER_TICKS
+        assert ticks(ax.get_xticklabels()) == TEACHER_TICKS[1:]  # teacher layers >= 1 by default
     # layer 0 (0.0) left out; runs at 0.6 and 0.7 (+ 0.01 (k - i)) averaged
-    cells = grid[0, 0].collections[0].get_array().reshape(TEACHER_STATES, TEACHER_STATES)
+    cells = grid[0, 0].collections[0].get_array().reshape(TEACHER_STATES - 1, TEACHER_STATES - 1)
     assert cells[0, 1] == pytest.approx(0.66)
     assert len(colorbar_axes(fig)) == 1
+
+
+def test_comparison_grid_with_the_embedding_output_averages_it_in_and_says_so():
+    fig = plots.comparison_grid(tidy_frame(), with_embeddings=True)
+    assert "mean over student layers S0–S2 and runs" in fig.get_suptitle()
+    ax = heatmap_axes(fig)[0]
+    assert ticks(ax.get_xticklabels()) == TEACHER_TICKS
+    cells = ax.collections[0].get_array().reshape(TEACHER_STATES, TEACHER_STATES)
+    assert cells[0, 1] == pytest.approx(np.mean([(0.0 + 2 * (0.61 + 0.1 * seed)) / 3 for seed in (0, 1)]))
 
 
 def test_comparison_grid_missing_cell_and_bad_value():

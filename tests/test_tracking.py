@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -54,7 +55,11 @@ def test_tensorboard_receives_the_losses_the_evaluations_and_the_trace(runs):
     assert scalars["dev/accuracy"] == pytest.approx({r["step"]: r["accuracy"] for r in dev}, rel=1e-6)
     angles, distances = trace_tables(tracked)
     assert sorted(scalars["trace/encoder/frac_acute"]) == [0, 2, 4, 6]
-    assert scalars["trace/encoder/frac_acute"] == pytest.approx(angles.groupby("step").frac_acute.mean().to_dict(), rel=1e-6)
+    # token-weighted over the authors' cells (student layers >= 1, teacher pairs among layers >= 1), as summary.json
+    deep = angles[(angles.student_layer >= 1) & (angles.teacher_i >= 1) & (angles.n_tokens > 0)]
+    for column in ("frac_acute", "mean_thales_ratio"):
+        expected = {step: np.average(rows[column], weights=rows.n_tokens) for step, rows in deep.groupby("step")}
+        assert scalars[f"trace/encoder/{column}"] == pytest.approx(expected, rel=1e-6)
     assert scalars["trace/encoder/distance"] == pytest.approx(distances.groupby("step").distance.mean().to_dict(), rel=1e-5)
 
 

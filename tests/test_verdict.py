@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from layergeo.cells import ALL_CELLS
 from layergeo.cli import main
 from layergeo.errors import LayergeoError
 from layergeo import stats
@@ -120,6 +121,17 @@ def test_an_acute_table_without_the_thales_ratio_still_gives_claim_c():
                           "frac_acute": np.linspace(0.8, 1.0, 18)})
     c = acute_vs_metric(results, acute, "test_accuracy")
     assert "acute_spearman_rho" in c and not any(name.startswith("ratio_") for name in c)
+
+
+def test_claim_c_names_the_cells_its_acute_table_covers(tmp_path):
+    results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
+                          "frac_acute": np.linspace(0.8, 1.0, 18)})
+    write_verdict(results, acute.assign(cells="S1–S3, teacher pairs among T1–T6"), tmp_path / "v")
+    assert "(c) Acute angles (S1–S3, teacher pairs among T1–T6): " in (tmp_path / "v" / "verdict.md").read_text()
+    assert set(pd.read_csv(tmp_path / "v" / "claim_c_acute.csv").cells) == {"S1–S3, teacher pairs among T1–T6"}
+    write_verdict(results, acute, tmp_path / "old")  # written before the cells column: its frac_acute covered every cell
+    assert f"(c) Acute angles ({ALL_CELLS}): " in (tmp_path / "old" / "verdict.md").read_text()
 
 
 def test_verdict_files_and_cli_errors(tmp_path, capsys):
