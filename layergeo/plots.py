@@ -64,7 +64,12 @@ TERM_LABELS = {
 }
 
 _COLORBLIND = sns.color_palette("colorblind").as_hex()
-STRATEGY_PALETTE = dict(zip(STRATEGY_ORDER, [_COLORBLIND[i] for i in (7, 0, 1, 2, 3, 4, 5)]))  # "none" is grey
+# one hue per matching strategy, "none" dark grey: Okabe & Ito's blue, orange, bluish green and reddish purple, Tol's
+# vibrant red and muted indigo. Every pair differs by CIELAB distance >= 42, and >= 17 under simulated deuteranopia,
+# protanopia and tritanopia (Machado et al. 2009; tests/test_plots.py); the lighter grey #949494 was 7 from the
+# reddish purple under deuteranopia, and the colorblind palette's two oranges 13
+STRATEGY_PALETTE = {"none": "#5c5c5c", "forward": "#0072B2", "reverse": "#E69F00", "all_to_one": "#009E73",
+                    "shuffle": "#CC79A7", "rail": "#CC3311", "explicit": "#332288"}
 CHECKPOINT_PALETTE = {"init": _COLORBLIND[0], "best": _COLORBLIND[3]}
 INIT_PALETTE = {"copy": _COLORBLIND[0], "random": _COLORBLIND[1]}
 LEVEL_MARKERS = ("o", "D", "s", "^", "v", "P")  # hue levels of a dot plot differ by marker as well as colour

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -76,6 +77,34 @@ def test_labels_order_and_palette():
     assert plots.sort_strategies(["zeta", "reverse", "none", "forward", "reverse"]) == ["none", "forward", "reverse", "zeta"]
     assert list(plots.STRATEGY_PALETTE) == plots.STRATEGY_ORDER
     assert len(set(plots.STRATEGY_PALETTE.values())) == len(plots.STRATEGY_ORDER)
+
+
+# linear-RGB colour-vision-deficiency simulations at full severity (Machado, Oliveira & Fernandes 2009)
+DEFICIENCIES = {
+    "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+    "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+}
+
+
+def cielab(linear: np.ndarray) -> np.ndarray:
+    """Linear sRGB (n, 3) -> CIELAB (n, 3), D65 white."""
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz /= [0.95047, 1.0, 1.08883]
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], -1)
+
+
+def test_every_strategy_has_a_colour_of_its_own_for_every_reader():
+    """Reverse and Random (shuffle) were two oranges 26 apart (13 under deuteranopia)."""
+    rgb = np.array([matplotlib.colors.to_rgb(c) for c in plots.STRATEGY_PALETTE.values()])
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    pairs = np.triu_indices(len(rgb), 1)
+    for vision, matrix, least in [("normal", np.eye(3), 40)] + [(name, m, 15) for name, m in DEFICIENCIES.items()]:
+        lab = cielab(np.clip(linear @ np.array(matrix).T, 0, 1))
+        assert np.linalg.norm(lab[:, None] - lab[None], axis=-1)[pairs].min() >= least, vision
+    chroma = np.hypot(*cielab(linear)[:, 1:].T)
+    assert chroma[0] < 1 and (chroma[1:] > 30).all()  # "none" grey, every matching strategy a hue
 
 
 # ---------------------------------------------------------------- angle heatmaps
