@@ -154,6 +154,11 @@ def _colors(levels: Sequence[Any], palette: Mapping[Any, str]) -> dict[Any, str]
     return {level: palette.get(level, spare.get(level)) for level in levels}
 
 
+def _wrapped(title: str, inches: float) -> str:
+    """``title`` wrapped to a figure ``inches`` wide at the "medium" title size: never clipped at its edges."""
+    return textwrap.fill(title, max(24, int(inches * 9)))  # about 11.7 characters an inch fit
+
+
 def _value_scale(value: str) -> ValueScale:
     if value not in VALUE_SCALES:
         raise LayergeoError(f"unknown value {value!r} to plot; choose one of {', '.join(VALUE_SCALES)}")
@@ -281,7 +286,8 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
     Columns: student_layer, ``by`` (student_layer or strategy), bin_left, bin_right, count; rows with
     the same ``by`` level and bin are summed (over teacher pairs, student layers, runs). Student layers
     >= 1 only, every layer ``with_embeddings``; the title says which. The legend gives each line's
-    mass at cos > 0 (bins with bin_left >= 0).
+    mass at cos > 0 (bins with bin_left >= 0). Levels with identical densities (every strategy at the
+    untrained checkpoint: one student) are one line, labelled so.
     """
     _require(hist, list(dict.fromkeys(["student_layer", by, "bin_left", "bin_right", "count"])), "cosine histograms")
     hist = _headline(hist, with_embeddings, "cosine histograms")
@@ -289,20 +295,26 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
     if by == "strategy":
         levels = sort_strategies(counts[by].unique())
         colors = [_colors(levels, STRATEGY_PALETTE)[level] for level in levels]
-        names, legend_title = {level: strategy_label(level) for level in levels}, "Strategy"
+        names, legend_title, every = {level: strategy_label(level) for level in levels}, "Strategy", "strategies"
     else:
         levels = sorted(counts[by].unique())
         colors = sns.color_palette("crest", len(levels))
-        names, legend_title = {level: f"S{level}" for level in levels}, "Student layer"
-    fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
-    for level, color in zip(levels, colors):
+        names, legend_title, every = {level: f"S{level}" for level in levels}, "Student layer", "student layers"
+    lines = {}  # level -> (bin centres, density, fraction acute)
+    for level in levels:
         bins = counts[counts[by] == level].sort_values("bin_left")
         total = bins["count"].sum()
         if total == 0:
             raise LayergeoError(f"cosine histograms: {names[level]} has no counts")
-        density = bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))
-        acute = bins.loc[bins["bin_left"] >= 0, "count"].sum() / total
-        centres = (bins["bin_left"] + bins["bin_right"]) / 2
+        density = (bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))).to_numpy()
+        lines[level] = ((bins["bin_left"] + bins["bin_right"]).to_numpy() / 2, density,
+                        bins.loc[bins["bin_left"] >= 0, "count"].sum() / total)
+    first = next(iter(lines.values()))
+    if len(lines) > 1 and all(np.array_equal(x, first[0]) and np.allclose(y, first[1], rtol=1e-9, atol=0)
+                              for x, y, _ in lines.values()):
+        lines, colors, names = {"all": first}, ["0.2"], {"all": f"All {len(levels)} {every} (identical)"}
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
+    for (level, (centres, density, acute)), color in zip(lines.items(), colors):
         ax.plot(centres, density, color=color, lw=1.6, label=f"{names[level]}: {acute:.1%} acute")
     ax.axvline(0, ls="--", lw=1, color="0.35", zorder=0)
     ax.annotate(
@@ -315,7 +327,7 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
     ax.set_ylabel("Density")
     ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     sns.despine(ax=ax)
-    fig.suptitle(f"{title} ({cells_label(hist)})" if title else cells_label(hist), fontsize="medium")
+    fig.suptitle(_wrapped(f"{title} ({cells_label(hist)})" if title else cells_label(hist), 7.2), fontsize="medium")
     return fig
 
 
@@ -379,7 +391,7 @@ def matrix_heatmap(
     long_labels = max(len(str(label)) for label in col_labels) > 4
     ax.tick_params(axis="x", labelrotation=45 if long_labels else 0, length=0)
     ax.tick_params(axis="y", labelrotation=0, length=0)
-    fig.suptitle(textwrap.fill(title, max(24, int(width * 7))), fontsize="medium")  # wrapped to the figure: never clipped
+    fig.suptitle(_wrapped(title, width), fontsize="medium")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return fig

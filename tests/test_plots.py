@@ -205,15 +205,43 @@ def test_cosine_histograms_density_and_acute_fraction():
     assert default.get_suptitle() == "Cosines (S1, every teacher pair (T0's included))"
 
 
+def strategy_histograms(counts: dict[str, list[int]]) -> pd.DataFrame:
+    edges = np.linspace(-1, 1, 5)
+    return pd.DataFrame([{"strategy": strategy, "student_layer": layer, "bin_left": lo, "bin_right": hi, "count": count}
+                         for strategy, per_bin in counts.items() for layer in (1, 2)
+                         for lo, hi, count in zip(edges[:-1], edges[1:], per_bin)])
+
+
+def test_identical_cosine_histograms_are_one_line_that_says_so():
+    same = strategy_histograms({s: [0, 1, 3, 4] for s in ("none", "forward", "reverse", "shuffle", "rail", "all_to_one")})
+    (ax,) = plots.cosine_histograms(same, title="Untrained", by="strategy").axes
+    assert len([line for line in ax.get_lines() if line.get_linestyle() == "-"]) == 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["All 6 strategies (identical): 87.5% acute"]
+    apart = strategy_histograms({"none": [0, 1, 3, 4], "forward": [0, 1, 4, 3]})
+    (ax,) = plots.cosine_histograms(apart, by="strategy").axes
+    assert len(ax.get_legend().get_texts()) == 2
+
+
+def title_inside(fig) -> bool:
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    return box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def test_a_long_cosine_histogram_title_is_wrapped_inside_the_figure():
+    hist = strategy_histograms({"none": [0, 1, 3, 4], "forward": [0, 1, 4, 3]})
+    fig = plots.cosine_histograms(hist, "Cosines seen from the student (decoder stack): Randomly initialised, Untrained",
+                                  by="strategy")
+    assert title_inside(fig) and "\n" in fig.get_suptitle()
+
+
 # ---------------------------------------------------------------- generic matrix
 
 
 def test_a_long_heatmap_title_is_wrapped_inside_the_figure(tmp_path):
     title = "Structured cosine of layer transitions: rotten_tomatoes_copy_forward_seed0"
     fig = plots.matrix_heatmap(np.eye(3), ["S0", "S1", "S2"], ["S0", "S1", "S2"], title, "Mean cosine", vmin=-1, vmax=1)
-    fig.canvas.draw()
-    box = fig._suptitle.get_window_extent()
-    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and "\n" in fig.get_suptitle()
+    assert title_inside(fig) and "\n" in fig.get_suptitle()
 
 
 def test_matrix_heatmap_fixed_scale_nan_and_labels():
