@@ -461,13 +461,17 @@ def _dot_panel(
     levels: list[Any],
     colors: Mapping[Any, str],
     spread: str,
+    markers: Mapping[Any, str] | None = None,
 ) -> None:
-    """Per strategy (x) and hue level (dodged): each row as a dot, the mean as a diamond with a bar.
+    """Per strategy (x) and hue level (dodged): each row as a dot, the mean as a larger marker with a bar.
 
-    spread "range": the bar spans min to max; "std": mean +- standard deviation.
+    spread "range": the bar spans min to max; "std": mean +- standard deviation. ``markers``: each level's
+    mean marker (default: LEVEL_MARKERS in the order of ``levels``).
     """
     offsets = (np.arange(len(levels)) - (len(levels) - 1) / 2) * (0.6 / len(levels))
-    for offset, level, marker in zip(offsets, levels, LEVEL_MARKERS * len(levels)):
+    markers = markers or dict(zip(levels, LEVEL_MARKERS * len(levels)))
+    for offset, level in zip(offsets, levels):
+        marker = markers[level]
         for x, strategy in enumerate(strategies):
             values = frame.loc[(frame["strategy"] == strategy) & (frame[hue] == level), value].dropna().to_numpy()
             if len(values) == 0:
@@ -543,9 +547,10 @@ def acute_fraction_points(summary: pd.DataFrame, title: str = "") -> Figure:
 
 @_themed
 def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
-    """A metric (e.g. test accuracy) per strategy, one panel per task, student init as hue.
+    """A metric (e.g. test accuracy) per strategy: one panel per task (columns) and student init (rows),
+    each on its own y-axis, so one init's range never flattens the other's differences.
 
-    Columns: strategy, init, task, value (one row per run/seed). Dots are seeds; diamonds
+    Columns: strategy, init, task, value (one row per run/seed). Dots are seeds; larger markers
     are means with a bar of +- one standard deviation.
     """
     _require(results, ["strategy", "init", "task", "value"], "metric points")
@@ -553,15 +558,20 @@ def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
     inits = _ordered(results["init"].unique(), INIT_LABELS)
     tasks = sorted(results["task"].unique())
     colors = _colors(inits, INIT_PALETTE)
+    markers = dict(zip(inits, LEVEL_MARKERS * len(inits)))
     fig, axes = plt.subplots(
-        1, len(tasks), figsize=(_strip_width(len(strategies)) * len(tasks) + 1.9, 3.6),
+        len(inits), len(tasks), figsize=(_strip_width(len(strategies)) * len(tasks) + 1.9, 3.3 * len(inits)),
         squeeze=False, layout="constrained",
     )
-    for ax, task in zip(axes[0], tasks):
-        _dot_panel(ax, results[results["task"] == task], "value", strategies, "init", inits, colors, spread="std")
-        ax.set_title(task_label(task))
+    for (r, init), (c, task) in itertools.product(enumerate(inits), enumerate(tasks)):
+        ax, rows = axes[r, c], results[(results["task"] == task) & (results["init"] == init)]
+        if rows.empty:
+            ax.set_axis_off()
+            continue
+        _dot_panel(ax, rows, "value", strategies, "init", [init], colors, spread="std", markers=markers)
+        ax.set_title(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}")
         ax.set_ylabel(metric_label)
-    _dot_legend(axes[0, -1], inits, colors, INIT_LABELS, "Student init", "Bar: ± one std over seeds")
+    _dot_legend(axes[-1, -1], inits, colors, INIT_LABELS, "Student init", "Bar: ± one std over seeds")
     return fig
 
 

@@ -343,13 +343,18 @@ def test_metric_points_mean_and_std():
             for seed in [0, 1]
         ]
     )
+    results.loc[results.init == "copy", "value"] += 20  # copied students far above: each init gets its own axis
     fig = plots.metric_points(results, "Test accuracy")
-    assert [ax.get_title() for ax in fig.axes] == ["BBC News", "Rotten Tomatoes"]
-    ax = fig.axes[0]
+    assert [ax.get_title() for ax in fig.axes] == ["BBC News, weights copied", "Rotten Tomatoes, weights copied",
+                                                   "BBC News, randomly initialised", "Rotten Tomatoes, randomly initialised"]
+    ax = fig.axes[2]
     assert ax.get_ylabel() == "Test accuracy"
     assert ticks(ax.get_xticklabels()) == ["Forward", "Reverse"]
-    means = [line for line in ax.get_lines() if line.get_marker() == "D"]
-    assert all(line.get_ydata()[0] == pytest.approx(0.75) for line in means)
+    means = [line for line in ax.get_lines() if line.get_marker() == "D"]  # the random init's marker, as in the legend
+    assert len(means) == 2 and all(line.get_ydata()[0] == pytest.approx(0.75) for line in means)
+    for ax, (low, high) in zip(fig.axes, [(20.7, 20.8)] * 2 + [(0.7, 0.8)] * 2):
+        bottom, top = ax.get_ylim()
+        assert bottom <= low and high <= top and top - bottom < 1  # the panel spans its own init's values only
     legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
     assert legend[:2] == ["Weights copied: mean", "Randomly initialised: mean"]
 
