@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from layergeo.cells import cells_label, headline_cells, layer_names
+from layergeo.cells import cells_label, headline_cells, layer_names, table_cells
 from layergeo.errors import LayergeoError
 
 matplotlib.use("Agg")  # headless, before pyplot is imported
@@ -507,40 +507,58 @@ def _dot_legend(ax: plt.Axes, levels: list[Any], colors: Mapping[Any, str], labe
     ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
 
 
+DOT_LEGEND_INCHES = 2.8  # the key of a dot plot, right of its panels
+
+
 def _strip_width(n_strategies: int) -> float:
-    return 0.95 * n_strategies + 1.0
+    return 0.95 * n_strategies + 1.4  # room for a y label of two lines
+
+
+def _fraction_axis(ax: plt.Axes, values: Iterable[float], axis: str = "y") -> tuple[float, float]:
+    """Limits of a fraction axis: the data's range with a margin (room for markers at 0 or 1), no tick outside
+    [0, 1] (a flat 1.0 would otherwise get ticks at 1.02, 1.04). Returns the limits."""
+    values = np.asarray(list(values), dtype=float)
+    values = values[np.isfinite(values)]
+    low, high = float(values.min()), float(values.max())
+    pad = max(0.02, 0.08 * (high - low))
+    limits = (low - pad, high + pad)
+    set_limits, get_ticks, set_ticks = (ax.set_ylim, ax.get_yticks, ax.set_yticks) if axis == "y" else (
+        ax.set_xlim, ax.get_xticks, ax.set_xticks)
+    set_limits(*limits)
+    set_ticks([t for t in get_ticks() if max(0.0, limits[0]) <= t <= min(1.0, limits[1]) + 1e-9])
+    return limits
 
 
 @_themed
 def acute_fraction_points(summary: pd.DataFrame, title: str = "") -> Figure:
-    """Fraction of acute angles per strategy, untrained vs trained, one panel per student init.
+    """Fraction of acute angles per strategy, untrained vs trained: one panel per task (rows) and student init
+    (columns), on one y-axis.
 
-    Columns: run, strategy, init, checkpoint, frac_acute (one row per run and checkpoint).
-    Dots are runs; diamonds are means with a bar from the lowest to the highest run. ``title`` is
-    added to each panel's title (e.g. the stack).
+    Columns: run, strategy, init, checkpoint, frac_acute [, task, cells] (one row per run and checkpoint).
+    Dots are runs; diamonds are means with a bar from the lowest to the highest run. The y label names the
+    cells of the fraction (``cells.table_cells``). ``title`` is added to each panel's title (e.g. the stack).
     """
     _require(summary, ["run", "strategy", "init", "checkpoint", "frac_acute"], "acute fraction points")
     strategies = sort_strategies(summary["strategy"].unique())
+    by_task = {task: summary[summary["task"] == task] for task in sorted(summary["task"].unique())} if "task" in summary else {None: summary}
     inits = _ordered(summary["init"].unique(), INIT_LABELS)
     checkpoints = _ordered(summary["checkpoint"].unique(), CHECKPOINT_LABELS)
     colors = _colors(checkpoints, CHECKPOINT_PALETTE)
     fig, axes = plt.subplots(
-        1, len(inits), figsize=(_strip_width(len(strategies)) * len(inits) + 1.6, 3.6),
+        len(by_task), len(inits), figsize=(_strip_width(len(strategies)) * len(inits) + DOT_LEGEND_INCHES, 3.6 * len(by_task)),
         sharey=True, squeeze=False, layout="constrained",
     )
-    for ax, init in zip(axes[0], inits):
-        _dot_panel(ax, summary[summary["init"] == init], "frac_acute", strategies, "checkpoint",
-                   checkpoints, colors, spread="range")
-        ax.set_title(INIT_LABELS.get(init, init) + title)
-    low, high = float(summary["frac_acute"].min()), float(summary["frac_acute"].max())
-    pad = max(0.02, 0.08 * (high - low))  # room for markers at 1.0; the axis spans the data, not all of 0..1
-    axes[0, 0].set_ylim(max(0.0, low - pad), min(1.0, high) + pad)
-    bottom, _ = axes[0, 0].get_ylim()
-    axes[0, 0].set_yticks([t for t in axes[0, 0].get_yticks() if bottom <= t <= 1.0])  # no tick above a fraction of 1
-    if low - pad < 0.5:
-        for ax in axes[0]:
+    for r, (task, rows) in enumerate(by_task.items()):
+        for c, init in enumerate(inits):
+            _dot_panel(axes[r, c], rows[rows["init"] == init], "frac_acute", strategies, "checkpoint", checkpoints, colors,
+                       spread="range")
+            where = INIT_LABELS.get(init, init)
+            axes[r, c].set_title((f"{task_label(task)}, {where.lower()}" if task is not None else where) + title)
+        axes[r, 0].set_ylabel(textwrap.fill(f"Fraction of acute angles ({table_cells(rows)})", 28))
+    bottom, _ = _fraction_axis(axes[0, 0], summary["frac_acute"])
+    if bottom < 0.5:
+        for ax in axes.flat:
             ax.axhline(0.5, ls="--", lw=1, color="0.6", zorder=0)
-    axes[0, 0].set_ylabel("Fraction of acute angles")
     _dot_legend(axes[0, -1], checkpoints, colors, CHECKPOINT_LABELS, "Student", "Bar: lowest to highest run")
     return fig
 
@@ -560,7 +578,7 @@ def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
     colors = _colors(inits, INIT_PALETTE)
     markers = dict(zip(inits, LEVEL_MARKERS * len(inits)))
     fig, axes = plt.subplots(
-        len(inits), len(tasks), figsize=(_strip_width(len(strategies)) * len(tasks) + 1.9, 3.3 * len(inits)),
+        len(inits), len(tasks), figsize=(_strip_width(len(strategies)) * len(tasks) + DOT_LEGEND_INCHES, 3.3 * len(inits)),
         squeeze=False, layout="constrained",
     )
     for (r, init), (c, task) in itertools.product(enumerate(inits), enumerate(tasks)):

@@ -325,12 +325,26 @@ def test_acute_fraction_points():
         assert low < values.min() and values.max() < high <= 1.1  # the data's range, with room above 1.0 markers
         assert ticks(ax.get_xticklabels()) == ["Forward", "Reverse"]
         assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.get_lines())  # chance level is in range here
-    assert fig.axes[0].get_ylabel() == "Fraction of acute angles"
+    # a table without a cells column was written by older code, whose frac_acute covered every cell
+    assert fig.axes[0].get_ylabel() == "Fraction of acute angles\n(every measured layer,\nembedding output included)"
     handles = fig.axes[-1].get_legend().legend_handles
     assert [text.get_text() for text in fig.axes[-1].get_legend().get_texts()][:2] == ["Untrained: mean", "Trained: mean"]
     assert handles[0].get_marker() != handles[1].get_marker() and handles[0].get_color() != handles[1].get_color()
     with pytest.raises(LayergeoError, match="missing column.*checkpoint"):
         plots.acute_fraction_points(summary_frame().drop(columns="checkpoint"))
+
+
+def test_acute_fraction_points_facet_tasks_name_the_cells_and_keep_a_flat_one_inside_0_1():
+    summary = pd.concat([summary_frame().assign(task=task, frac_acute=1.0, cells=f"S1–S{depth}, teacher pairs among T1–T6")
+                         for task, depth in (("rotten_tomatoes", 3), ("bbc_news", 2))])
+    fig = plots.acute_fraction_points(summary)
+    assert [ax.get_title() for ax in fig.axes] == ["BBC News, weights copied", "BBC News, randomly initialised",
+                                                   "Rotten Tomatoes, weights copied", "Rotten Tomatoes, randomly initialised"]
+    assert [fig.axes[i].get_ylabel().replace("\n", " ") for i in (0, 2)] == [
+        "Fraction of acute angles (S1–S2, teacher pairs among T1–T6)", "Fraction of acute angles (S1–S3, teacher pairs among T1–T6)"]
+    for ax in fig.axes:
+        low, high = ax.get_ylim()
+        assert low < 1.0 < high <= 1.05 and all(0 <= t <= 1 for t in ax.get_yticks())
 
 
 def test_metric_points_mean_and_std():
