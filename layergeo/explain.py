@@ -237,7 +237,7 @@ def explain_runs(paths: list[str], out: Path) -> Path:
     plots.save_figure(plots.trace_comparison(table), out / "compare")
     gradients = "pulls_aligned" in table
     header = ("| init | strategy | seeds | acute fraction, first → last probe | Thales ratio | distance to the matched layer "
-              "| own pull vs CE (mean over probes) |")
+              "(None: to the forward targets) | own pull vs CE (mean over probes) |")
     if gradients:
         header += " parameter pulls toward two teacher layers aligned (cos > 0), first → last | first-order sign right: parameter / state view |"
     lines = [f"# Traces compared\n", f"{pooled}.\n", header, "|---" * (header.count("|") - 1) + "|"]

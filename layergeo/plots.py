@@ -865,16 +865,27 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
     return fig
 
 
+def _seeds_text(table: pd.DataFrame, group: list[str]) -> str:
+    """'seed 0', 'mean over 3 seeds' or 'mean over 1-3 seeds per line', from the seeds of each ``group``."""
+    counts = table.groupby(group)["seed"].nunique()
+    if table["seed"].nunique() == 1:
+        return f"seed {table['seed'].iloc[0]}"
+    if counts.nunique() == 1:
+        return f"mean over {counts.iloc[0]} seeds" if counts.iloc[0] > 1 else "one seed per line"
+    return f"mean over {counts.min()}–{counts.max()} seeds per line"
+
+
 @_themed
 def trace_comparison(table: pd.DataFrame) -> Figure:
-    """Traces of several runs, one line per strategy (mean over seeds), one line style per init: acute fraction,
-    Thales ratio, distance to the matched teacher layer and, when the runs traced gradients, the fraction of
-    teacher pairs whose parameter pulls are aligned (the acute fraction's parameter-space twin) and the own
-    pull's cosine with the CE gradient.
+    """Traces of several runs, one line per strategy (mean over its seeds) and init (its own line style when
+    there are several): acute fraction, Thales ratio, distance to the matched teacher layer and, when the runs
+    traced gradients, the fraction of teacher pairs whose parameter pulls are aligned (the acute fraction's
+    parameter-space twin) and the own pull's cosine with the CE gradient; panels in rows of three. The title
+    names the init, the seeds and the cells of the angles.
 
-    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce (pulls_aligned).
+    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce (pulls_aligned, cells).
     """
-    panels = [("frac_acute", "Fraction of acute angles (states)"), ("pulls_aligned", "Fraction of aligned pulls (parameters)"),
+    panels = [("frac_acute", "Fraction of acute angles\n(states)"), ("pulls_aligned", "Fraction of aligned pulls\n(parameters)"),
               ("thales_ratio", "Mean Thales ratio"), ("matched", "Distance to the matched layer"),
               ("own_pull_vs_ce", "cos(own pull, CE gradient)")]
     panels = [(c, label) for c, label in panels if c in table and table[c].notna().any()]
@@ -882,18 +893,35 @@ def trace_comparison(table: pd.DataFrame) -> Figure:
     colors = _colors(strategies, STRATEGY_PALETTE)
     inits = _ordered(table.init.unique(), INIT_LABELS)
     styles = dict(zip(inits, ["-", "--", ":"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.2, 3.6), squeeze=False, layout="constrained")
-    for ax, (column, label) in zip(axes[0], panels):
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    spare = nrows * ncols > len(panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols + (0 if spare else 2.4), 3.2 * nrows + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax, (column, label) in zip(axes.flat, panels):
         for (strategy, init), group in table.groupby(["strategy", "init"]):
             line = group.groupby("step")[column].mean()
             ax.plot(line.index, line.values, styles[init], color=colors[strategy], marker="o", ms=2.5)
+        if column in ("frac_acute", "pulls_aligned"):
+            _fraction_axis(ax, table[column])
+        if column == "matched" and "none" in strategies:
+            label += "\n(None: to the forward targets)"
         ax.set_xlabel("Training step")
         ax.set_ylabel(label)
         sns.despine(ax=ax)
     handles = [Line2D([], [], color=colors[s], label=strategy_label(s)) for s in strategies]
-    handles += [Line2D([], [], color="0.3", ls=styles[i], label=INIT_LABELS.get(i, i)) for i in inits]
-    fig.legend(handles=handles, loc="outside right upper", frameon=False)
-    fig.suptitle("Geometry along training (probe set; mean over seeds)", fontsize="medium")
+    if len(inits) > 1:
+        handles += [Line2D([], [], color="black", ls=styles[i], label=f"{INIT_LABELS.get(i, i)} (line style)") for i in inits]
+    if spare:
+        for ax in axes.flat[len(panels):]:
+            ax.set_axis_off()
+        axes.flat[-1].legend(handles=handles, title="Strategy", loc="center", frameon=False)
+    else:
+        fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
+    students = " and ".join(INIT_LABELS.get(i, i).lower() for i in inits)
+    cells = f"; angles at {'; '.join(dict.fromkeys(table['cells'].dropna()))}" if "cells" in table else ""
+    fig.suptitle(_wrapped(f"Geometry along training on the probe set: {students}, {_seeds_text(table, ['strategy', 'init'])}"
+                          f"{cells}", fig.get_figwidth()), fontsize="medium")
     return fig
 
 

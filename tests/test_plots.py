@@ -393,6 +393,30 @@ def test_loss_curves_panels_palette_and_log_scale():
     assert legend == ["Forward", "Reverse"]
 
 
+def trace_table(seeds=(0,), inits=("copy",)) -> pd.DataFrame:
+    rows = [{"strategy": strategy, "init": init, "seed": seed, "step": step, "frac_acute": 1.0, "pulls_aligned": 1.0,
+             "thales_ratio": 2.0 - 0.1 * step, "matched": 5.0 - step, "own_pull_vs_ce": 0.1 * step,
+             "cells": "S1–S3, teacher pairs among T1–T6"}
+            for strategy in ("none", "forward") for init in inits for seed in seeds for step in range(4)]
+    return pd.DataFrame(rows)
+
+
+def test_trace_comparison_says_seed_init_and_cells_and_keeps_fractions_inside_0_1():
+    fig = plots.trace_comparison(trace_table())
+    assert fig.get_suptitle().replace("\n", " ") == ("Geometry along training on the probe set: weights copied, seed 0; "
+                                                     "angles at S1–S3, teacher pairs among T1–T6")
+    panels = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert len(panels) == 5 and {ax.get_subplotspec().rowspan.start for ax in panels} == {0, 1}  # two rows
+    for ax in panels[:2]:  # the acute fraction and the aligned pulls, 1.0 throughout
+        low, high = ax.get_ylim()
+        assert low < 1.0 < high <= 1.05 and all(0 <= t <= 1 for t in ax.get_yticks())
+    assert [ax.get_ylabel() for ax in panels][3] == "Distance to the matched layer\n(None: to the forward targets)"
+    legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert legend == ["None", "Forward"]  # the one init is in the title, not a line-style entry
+    two = plots.trace_comparison(trace_table(seeds=(0, 1), inits=("copy", "random")))
+    assert "weights copied and randomly initialised, mean over 2 seeds" in two.get_suptitle().replace("\n", " ")
+
+
 # ---------------------------------------------------------------- saving
 
 
