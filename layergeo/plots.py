@@ -646,14 +646,26 @@ VERDICT_GEOMETRY = {"frac_acute": ("acute", "Fraction of acute angles, trained",
                     "thales_ratio": ("ratio", "Thales ratio, trained", "trained Thales ratio")}
 
 
+def _interval_text(diff: pd.DataFrame) -> str:
+    """What claim (a)'s bars are: 'Holm 99.75% t intervals', or why there are none."""
+    finite = diff[np.isfinite(diff.ci_low) & np.isfinite(diff.ci_high)]
+    drawn = finite[finite.ci_high > finite.ci_low]
+    if len(drawn):
+        levels = sorted(set(drawn.ci_level.dropna().round(6))) if "ci_level" in drawn else []
+        return (f"Holm {100 * levels[0]:.4g}% t intervals" if len(levels) == 1 else
+                f"Holm {100 * levels[0]:.4g}–{100 * levels[-1]:.4g}% t intervals" if levels else "t intervals")
+    if len(diff) and (diff.mean_diff == 0).all():
+        return "no interval: every difference 0"
+    return "no interval: every seed gives the same difference" if len(finite) else "no interval (too few seeds)"
+
+
 @_themed
 def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFrame, trained: pd.DataFrame,
                    metric: str) -> Figure:
-    """The three claims, one row per (task, init): (a) difference to None with its (Holm) interval per
-    strategy, (b) the metric per strategy (seeds as dots) with the spread, its within-seed permutation p
-    and Friedman's p, (c) the
-    trained fraction of acute angles (and the trained Thales ratio, when given) against the metric,
-    one dot per student.
+    """The three claims, two rows of two panels per (task, init), named above them: (a) difference to None with its (Holm)
+    interval per strategy, (b) the metric per strategy (seeds as dots, mean ± one std) with the spread, its
+    within-seed permutation p and Friedman's p; below them (c) the trained fraction of acute angles (and the
+    trained Thales ratio, when given) against the metric, one dot per student. One key below the panels.
 
     diffs: task, init, strategy, mean_diff, ci_low, ci_high [, ci_level]; spreads: task, init, spread,
     p_permutation [, friedman_p]; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_..., cells];
@@ -666,29 +678,25 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
     strategies = sort_strategies(trained["strategy"].unique())
     colors = _colors(strategies, STRATEGY_PALETTE)
     label = metric.replace("_", " ").capitalize() + " (%)"
-    width = 1.15 * _strip_width(len(strategies))
-    fig, axes = plt.subplots(len(groups), 2 + len(geometry), figsize=(2 * width + 4.2 * len(geometry), 3.3 * len(groups) + 0.6),
-                             squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [width, width] + [4.2] * len(geometry)})
-    for row, (task, init) in zip(axes, groups):
-        name = f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}"
+    fig = plt.figure(figsize=(2 * _strip_width(len(strategies)), 6.6 * len(groups) + 0.8), layout="constrained")
+    for sub, (task, init) in zip(np.atleast_1d(fig.subfigures(len(groups), 1)), groups):
+        (a, b), lower = sub.subplots(2, 2)
+        sub.suptitle(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", fontweight="bold")
         diff = diffs[(diffs.task == task) & (diffs.init == init)]
         matching = [s for s in strategies if s in set(diff.strategy)]
         for x, strategy in enumerate(matching):
             d = diff[diff.strategy == strategy].iloc[0]
-            bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if np.isfinite(d.ci_low) else None
-            row[0].errorbar(x, d.mean_diff, yerr=bar, fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
-        row[0].axhline(0, ls="--", lw=1, color="0.5", zorder=0)
-        row[0].set_xticks(range(len(matching)))
-        row[0].set_xticklabels([strategy_tick(s) for s in matching])
-        row[0].set_xlim(-0.5, len(matching) - 0.5)
-        row[0].set_ylabel("Difference to None (points)")
-        levels = sorted(set(diff.ci_level.dropna().round(6))) if "ci_level" in diff else []
-        interval = (f"Holm {100 * levels[0]:.4g}% t intervals" if len(levels) == 1 else
-                    f"Holm {100 * levels[0]:.4g}–{100 * levels[-1]:.4g}% t intervals" if levels else "no interval (too few seeds)")
-        row[0].set_title(f"(a) {name}: {interval}", loc="left")
-        sns.despine(ax=row[0])
+            bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if d.ci_high > d.ci_low else None  # NaN: False
+            a.errorbar(x, d.mean_diff, yerr=bar, fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
+        a.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
+        a.set_xticks(range(len(matching)))
+        a.set_xticklabels([strategy_tick(s) for s in matching])
+        a.set_xlim(-0.5, len(matching) - 0.5)
+        a.set_ylabel("Difference to None (points)")
+        a.set_title(f"(a) {_interval_text(diff)}", loc="left")
+        sns.despine(ax=a)
         runs = trained[(trained.task == task) & (trained.init == init)].assign(group="all")
-        _dot_panel(row[1], runs, metric, strategies, "group", ["all"], {"all": "0.25"}, spread="std")
+        _dot_panel(b, runs, metric, strategies, "group", ["all"], {"all": "0.25"}, spread="std")
         spread = spreads[(spreads.task == task) & (spreads.init == init)]
         note = ""
         if len(spread):
@@ -696,21 +704,28 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
             note = f"spread {first.spread:.1f}, within-seed p = {first.p_permutation:.2g}"
             if np.isfinite(first.get("friedman_p", np.nan)):
                 note += f", Friedman p = {first.friedman_p:.2g}"
-        row[1].set_ylabel(label)
-        row[1].set_title(f"(b) {note}", loc="left")
+        b.set_ylabel(label)
+        b.set_title(f"(b) {note}", loc="left")
         corr = acute[(acute.task == task) & (acute.init == init)]
-        for ax, (column, prefix, xlabel) in zip(row[2:], geometry):
+        for ax, (column, prefix, xlabel) in zip(lower, geometry):
             for strategy in strategies:
                 points = runs[runs.strategy == strategy]
                 ax.scatter(points[column], points[metric], s=22, color=colors[strategy], label=strategy_label(strategy))
+            if column == "frac_acute":
+                _fraction_axis(ax, runs[column], axis="x")
             rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
             ax.set_title(f"(c) ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g}" if np.isfinite(rho) else "(c) ρ undefined",
                          loc="left")
             ax.set_xlabel(f"{xlabel}\n({corr.cells.iloc[0]})" if "cells" in corr and len(corr) else xlabel)
             ax.set_ylabel(label)
             sns.despine(ax=ax)
+        for ax in lower[len(geometry):]:
+            ax.set_axis_off()
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
-    fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
+    handles += [Line2D([], [], ls="", marker="o", ms=6, color="0.25", label="(b) mean over seeds"),
+                Line2D([], [], ls="", marker="o", ms=3.5, color="0.25", alpha=0.45, label="(b) one seed"),
+                Line2D([], [], ls="-", lw=1.3, color="0.25", label="(b) bar: ± one std over seeds")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), frameon=False)
     return fig
 
 

@@ -417,6 +417,39 @@ def test_trace_comparison_says_seed_init_and_cells_and_keeps_fractions_inside_0_
     assert "weights copied and randomly initialised, mean over 2 seeds" in two.get_suptitle().replace("\n", " ")
 
 
+def verdict_tables(difference: float):
+    strategies = ["forward", "reverse", "all_to_one", "shuffle", "rail"]
+    diffs = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "strategy": s, "mean_diff": difference,
+                           "ci_low": difference - abs(difference), "ci_high": difference + abs(difference), "ci_level": 0.9975}
+                          for s in strategies])
+    spreads = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "spread": 0.0, "p_permutation": 1.0}])
+    acute = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "acute_spearman_rho": np.nan, "acute_spearman_p": np.nan,
+                           "ratio_spearman_rho": 0.1, "ratio_spearman_p": 0.5, "cells": "S1–S3, teacher pairs among T1–T6"}])
+    trained = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "strategy": s, "seed": seed, "frac_acute": 1.0,
+                             "thales_ratio": 3.0 + seed, "test_accuracy": 70.0 + seed}
+                            for s in ["none", *strategies] for seed in range(3)])
+    return diffs, spreads, acute, trained
+
+
+def test_verdict_panels_read_at_page_width_and_say_what_their_bars_are():
+    fig = plots.verdict_panels(*verdict_tables(0.0), "test_accuracy")
+    assert fig.get_figwidth() <= 15  # two panels a row (four were 24 inches wide)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles[:2] == ["(a) no interval: every difference 0", "(b) spread 0.0, within-seed p = 1"]
+    acute_panel = next(ax for ax in fig.axes if ax.get_xlabel().startswith("Fraction of acute angles"))
+    assert acute_panel.get_xlabel() == "Fraction of acute angles, trained\n(S1–S3, teacher pairs among T1–T6)"
+    low, high = acute_panel.get_xlim()
+    assert low < 1.0 < high <= 1.05 and all(0 <= t <= 1 for t in acute_panel.get_xticks())  # every student at 1.0
+    key = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert key[-3:] == ["(b) mean over seeds", "(b) one seed", "(b) bar: ± one std over seeds"]
+    fig.canvas.draw()
+    for text in [ax.title for ax in fig.axes] + [ax._left_title for ax in fig.axes] + [fig.subfigs[0]._suptitle]:
+        box = text.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+    assert plots.verdict_panels(*verdict_tables(1.0), "test_accuracy").axes[0].get_title(loc="left") == \
+        "(a) Holm 99.75% t intervals"
+
+
 # ---------------------------------------------------------------- saving
 
 
