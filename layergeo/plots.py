@@ -80,6 +80,9 @@ MAX_ANNOTATED = 8  # annotate angle heatmaps with values up to 8 x 8 teacher sta
 MAX_ANNOTATED_MATRIX = 13  # generic matrices: up to 13 rows and columns (a 12-layer teacher)
 MAX_PANEL_COLUMNS = 4
 ANNOT_FONTSIZE = 7
+GRID_PANEL_INCHES = 2.5  # a comparison grid's panel, at most MAX_PANEL_COLUMNS a row: about 12 inches wide
+GRID_ANNOTATED = 6  # a comparison grid's panels carry their values up to 6 x 6 teacher states
+MAX_TICK_LABELS = 10  # teacher ticks beyond this are labelled every 2nd, 5th, 10th ... state
 
 _THEME = sns.axes_style("white") | sns.plotting_context("paper", font_scale=1.25)
 
@@ -202,9 +205,14 @@ def _pair_matrix(means: pd.Series, teachers: list[int]) -> np.ndarray:
 
 
 def _panel_inches(n_teachers: int) -> float:
-    """Side of one square heatmap panel: room for values when annotated, for tick labels otherwise."""
-    per_cell = 0.42 if n_teachers <= MAX_ANNOTATED else 0.2
-    return min(max(per_cell * n_teachers + 0.8, 2.4), 4.0)
+    """Side of one square heatmap panel: room for values when annotated; tick labels are thinned otherwise."""
+    return min(max(0.42 * n_teachers + 0.8, 2.4), 4.0) if n_teachers <= MAX_ANNOTATED else 3.0
+
+
+def _teacher_ticks(teachers: list[int]) -> list[str]:
+    """'T{t}' for each teacher state; beyond MAX_TICK_LABELS states only every 2nd, 5th, 10th ... (blank between)."""
+    step = next(step for step in (1, 2, 5, 10, 20, 50, 100) if len(teachers) <= MAX_TICK_LABELS * step)
+    return [f"T{t}" if t % step == 0 else "" for t in teachers]
 
 
 def _heatmap(*args, **kwargs) -> None:
@@ -214,8 +222,9 @@ def _heatmap(*args, **kwargs) -> None:
         sns.heatmap(*args, **kwargs)
 
 
-def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], scale: ValueScale) -> QuadMesh:
-    labels = [f"T{t}" for t in teachers]
+def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], scale: ValueScale,
+                       annotate: bool) -> QuadMesh:
+    labels = _teacher_ticks(teachers)
     _heatmap(
         matrix,
         ax=ax,
@@ -224,7 +233,7 @@ def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], sc
         vmax=scale.vmax,
         center=scale.center,
         cmap=scale.cmap,
-        annot=len(teachers) <= MAX_ANNOTATED,
+        annot=annotate,
         fmt=scale.fmt,
         annot_kws={"fontsize": ANNOT_FONTSIZE},
         square=True,
@@ -232,12 +241,13 @@ def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], sc
         xticklabels=labels,
         yticklabels=labels,
     )
-    ax.tick_params(axis="both", labelrotation=0, length=0, labelsize=8 if len(teachers) <= 10 else 6.5)
+    ax.tick_params(axis="both", labelrotation=0, length=0, labelsize=8)
     return ax.collections[0]
 
 
 def _shared_colorbar(fig: Figure, mesh: QuadMesh, axes: list[plt.Axes], scale: ValueScale) -> None:
-    colorbar = fig.colorbar(mesh, ax=axes, ticks=scale.ticks, shrink=0.9, aspect=25)
+    """One colour bar for ``axes``, at most about 6 inches long."""
+    colorbar = fig.colorbar(mesh, ax=axes, ticks=scale.ticks, shrink=min(0.9, 6.0 / fig.get_figheight()), aspect=25)
     colorbar.set_label(scale.label)
     colorbar.outline.set_visible(False)
 
@@ -268,7 +278,7 @@ def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str |
         ax.remove()
     for n, (ax, layer) in enumerate(zip(panels, layers)):
         means = angles[angles["student_layer"] == layer].groupby(["teacher_i", "teacher_k"])[value].mean()
-        mesh = _draw_pair_heatmap(ax, _pair_matrix(means, teachers), teachers, scale)
+        mesh = _draw_pair_heatmap(ax, _pair_matrix(means, teachers), teachers, scale, len(teachers) <= MAX_ANNOTATED)
         ax.set_title(f"Student layer S{layer}")
         ax.set_xlabel("Teacher layer" if n + ncols >= len(layers) else "")
         ax.set_ylabel("Teacher layer" if n % ncols == 0 else "")
@@ -402,7 +412,9 @@ def matrix_heatmap(
 
 @_themed
 def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = "", with_embeddings: bool = False) -> Figure:
-    """Teacher i x teacher k heatmaps of `value`: one column per strategy, one row per (init, checkpoint).
+    """Teacher i x teacher k heatmaps of `value`: one column per strategy, one row per (init, checkpoint);
+    more than MAX_PANEL_COLUMNS strategies wrap into blocks of rows (the figure stays about 12 inches wide),
+    values are written in the cells up to GRID_ANNOTATED teacher states.
 
     Columns: run, strategy, init, checkpoint, student_layer, teacher_i, teacher_k and `value`.
     Each panel averages over student layers >= 1 and shows teacher layers >= 1 (every layer
@@ -427,27 +439,31 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
     means = per_run.groupby(level=[*keys, "teacher_i", "teacher_k"]).mean()
     panels = {key: group.droplevel(keys) for key, group in means.groupby(level=keys)}
 
-    side = _panel_inches(len(teachers))
+    blocks = math.ceil(len(strategies) / MAX_PANEL_COLUMNS)
+    ncols = math.ceil(len(strategies) / blocks)
     fig, axes = plt.subplots(
-        len(rows), len(strategies), figsize=(side * len(strategies) + 1.6, side * len(rows) + 0.5),
+        blocks * len(rows), ncols, figsize=(GRID_PANEL_INCHES * ncols + 1.8, GRID_PANEL_INCHES * blocks * len(rows) + 0.6),
         squeeze=False, layout="constrained",
     )
-    for r, (init, checkpoint) in enumerate(rows):
-        for c, strategy in enumerate(strategies):
-            ax = axes[r, c]
-            if (strategy, init, checkpoint) in panels:
-                matrix = _pair_matrix(panels[strategy, init, checkpoint], teachers)
-                mesh = _draw_pair_heatmap(ax, matrix, teachers, scale)
-            else:
-                ax.set(xticks=[], yticks=[])
-                sns.despine(ax=ax, left=True, bottom=True)
-                ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.5")
-            if r == 0:
-                ax.set_title(strategy_label(strategy))
-            row_label = f"{INIT_LABELS.get(init, init)}\n{CHECKPOINT_LABELS.get(checkpoint, checkpoint)}"
-            ax.set_ylabel(row_label if c == 0 else "", fontweight="bold")
-            ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
-    _shared_colorbar(fig, mesh, list(axes.flat), scale)
+    for ax in axes[-len(rows):, len(strategies) - (blocks - 1) * ncols:].flat:  # the last block's empty columns
+        ax.remove()
+    for (s, strategy), (r, (init, checkpoint)) in itertools.product(enumerate(strategies), enumerate(rows)):
+        block, c = divmod(s, ncols)
+        ax = axes[block * len(rows) + r, c]
+        if (strategy, init, checkpoint) in panels:
+            matrix = _pair_matrix(panels[strategy, init, checkpoint], teachers)
+            mesh = _draw_pair_heatmap(ax, matrix, teachers, scale, len(teachers) <= GRID_ANNOTATED)
+        else:
+            ax.set(xticks=[], yticks=[])
+            sns.despine(ax=ax, left=True, bottom=True)
+            ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        if r == 0:
+            ax.set_title(strategy_label(strategy))
+        row_label = f"{INIT_LABELS.get(init, init)}\n{CHECKPOINT_LABELS.get(checkpoint, checkpoint)}"
+        ax.set_ylabel(row_label if c == 0 else "", fontweight="bold", fontsize="small")  # within a panel's height
+        ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
+    fig.get_layout_engine().set(wspace=0.06)  # a panel's last values clear of the next one's ticks
+    _shared_colorbar(fig, mesh, list(fig.axes), scale)
     fig.suptitle(f"{scale.label}, mean over student layers {layer_names('S', used['student_layer'])} and runs{title}")
     return fig
 

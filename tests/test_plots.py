@@ -311,6 +311,22 @@ def test_comparison_grid_missing_cell_and_bad_value():
         plots.comparison_grid(tidy.iloc[:0])
 
 
+def test_a_grid_of_every_strategy_wraps_to_page_width_and_thins_what_would_not_read():
+    strategies = list(plots.STRATEGY_ORDER)  # 7
+    frames = [angles_frame(teachers=7).assign(run=f"{s}-{init}", strategy=s, init=init, checkpoint=checkpoint)
+              for s in strategies for init in ("copy", "random") for checkpoint in ("init", "best")]
+    fig = plots.comparison_grid(pd.concat(frames, ignore_index=True))
+    panels = heatmap_axes(fig)
+    assert len(panels) == 7 * 4 and fig.get_figwidth() <= 12.5  # 4 columns, two blocks of rows (was 7 columns, 24 inches)
+    assert max(ax.get_subplotspec().colspan.start for ax in panels) == 3
+    assert sorted(ax.get_title() for ax in panels if ax.get_title()) == sorted(plots.strategy_label(s) for s in strategies)
+    assert all(len(ax.texts) == 30 for ax in panels)  # T1-T6 (6 states by default): values written in the cells
+    deep = angles_frame(teachers=31).assign(run="r", strategy="forward", init="copy", checkpoint="best")
+    ax = heatmap_axes(plots.comparison_grid(deep))[0]  # T1-T30: no values, every 5th state labelled
+    assert len(ax.texts) == 0 and [t for t in ticks(ax.get_xticklabels()) if t] == [f"T{5 * t}" for t in range(1, 7)]
+    assert title_inside(fig)
+
+
 def summary_frame() -> pd.DataFrame:
     tidy = tidy_frame()
     return tidy.groupby(["run", "strategy", "init", "checkpoint"], as_index=False)["frac_acute"].mean()
