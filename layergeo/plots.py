@@ -610,11 +610,13 @@ def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
 
 
 @_themed
-def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
+def loss_curves(metrics: pd.DataFrame, title: str | None = None, legend_title: str | None = None) -> Figure:
     """Training curves: one panel per term (ce, kl, hidden, grad_norm, ...), one line per strategy.
 
     Columns: strategy, step, term, value; repeated (strategy, step, term) rows (seeds) are
     averaged. Panels whose values are all positive and span more than a decade use a log y axis.
+    ``legend_title``: the key's title (default: "Strategy" when every level is a matching strategy, none
+    otherwise, e.g. for the settings a caller puts in the strategy column).
     """
     _require(metrics, ["strategy", "step", "term", "value"], "loss curves")
     curves = (
@@ -648,10 +650,12 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_xlabel("Training step")
         sns.despine(ax=ax)
     handles = [Line2D([], [], color=colors[s], lw=1.6, label=strategy_label(s)) for s in strategies]
+    if legend_title is None and set(strategies) <= set(STRATEGY_LABELS):
+        legend_title = "Strategy"
     if spare:  # in the grid's empty cell, clear of the title
-        spare[0].legend(handles=handles, title="Strategy", loc="center", frameon=False)
+        spare[0].legend(handles=handles, title=legend_title, loc="center", frameon=False)
     else:
-        fig.legend(handles=handles, title="Strategy", loc="outside right center", frameon=False)
+        fig.legend(handles=handles, title=legend_title, loc="outside right center", frameon=False)
     if title:
         fig.suptitle(title)
     return fig

@@ -407,6 +407,10 @@ def test_loss_curves_panels_palette_and_log_scale():
     assert colors == [plots.STRATEGY_PALETTE["forward"], plots.STRATEGY_PALETTE["reverse"]]
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
     assert legend == ["Forward", "Reverse"]
+    assert fig.legends[0].get_title().get_text() == "Strategy"
+    settings = metrics.assign(strategy=metrics.strategy.map({"forward": "lr 1e-4", "reverse": "lr 5e-4"}))
+    assert plots.loss_curves(settings).legends[0].get_title().get_text() == ""  # settings are not strategies
+    assert plots.loss_curves(settings, legend_title="Setting").legends[0].get_title().get_text() == "Setting"
 
 
 def trace_table(seeds=(0,), inits=("copy",)) -> pd.DataFrame:
