@@ -136,7 +136,9 @@ def explain_run(path: str | Path, out: Path | None = None) -> Path:
     reverse = dict(build_mapping(MappingOptions("reverse"), {stack: (lt, ls)}).pairs_at()[stack])[ls]
     planes = token_plane(token, stack, ls, (lt, reverse)) if not token.empty and reverse != lt else None
     title = f"{trace.run.path.name}: {plots.strategy_label(trace.strategy)}, {plots.INIT_LABELS.get(trace.init, trace.init).lower()}"
-    plots.save_figure(plots.explain_page(trace.geometry, trace.distances, planes, trace.layers, trace.terms, title), out / "explain")
+    matched = "to the forward targets (matching none)" if trace.strategy == "none" else "to the matched layer"
+    plots.save_figure(plots.explain_page(trace.geometry, trace.distances, planes, trace.layers, trace.terms, title, matched),
+                      out / "explain")
     write_text(out / "explain.md", summary_text(trace, planes) + "\n")
     for name, table in (("geometry_over_training", trace.geometry), ("distances_over_training", trace.distances)):
         write_text(out / f"{name}.csv", table.to_csv(index=False))

@@ -813,7 +813,7 @@ def _lines_per_stack(frame: pd.DataFrame, series: list[tuple[plt.Axes, str, str,
 
 @_themed
 def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | None, layers: pd.DataFrame,
-                 terms: pd.DataFrame, title: str) -> Figure:
+                 terms: pd.DataFrame, title: str, matched: str = "to the matched layer") -> Figure:
     """The ``layergeo explain`` page: (a) acute fraction and Thales ratio over training, (b) distance to the
     matched and to the other teacher layers, (c) one token in the plane of a teacher pair with the Thales
     circle, and with gradient traces (d) the layer-alignment matrices at start, middle and end and (e) each
@@ -821,7 +821,7 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
 
     geometry: stack, step, frac_acute, thales_ratio, cells; distances: stack, step, matched, unmatched; plane: see
     ``explain.token_plane``; layers: step, stack, student_layer, teacher_i, teacher_k, cosine; terms: step, term,
-    cosine_with_ce (both may be empty).
+    cosine_with_ce (both may be empty). ``matched``: what (b)'s matched line measures to.
     """
     gradients = not layers.empty
     fig = plt.figure(figsize=(15, 9.6 if gradients else 4.6), layout="constrained")
@@ -834,11 +834,11 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
     ax.set_xlabel("Training step")
     ax.set_ylabel("Fraction of acute angles", color=_COLORBLIND[0])
     twin.set_ylabel("Mean Thales ratio (> 1: acute)", color=_COLORBLIND[3])
-    ax.set_title(f"(a) Angles at the student, {'; '.join(dict.fromkeys(geometry['cells']))}", loc="left")
+    ax.set_title(f"(a) Angles at the student\n({'; '.join(dict.fromkeys(geometry['cells']))})", loc="left")
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles=lines, frameon=False, fontsize="small", loc="best")
     ax = fig.add_subplot(grid[0, 1])
-    _lines_per_stack(distances, [(ax, "matched", _COLORBLIND[2], "o", "to the matched layer"),
+    _lines_per_stack(distances, [(ax, "matched", _COLORBLIND[2], "o", matched),
                                  (ax, "unmatched", _COLORBLIND[7], "o", "to the other layers")])
     ax.set_xlabel("Training step")
     ax.set_ylabel("Mean distance |W S_j − T_i|")
