@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     figures = sub.add_parser("figures", help="comparison figures of a sweep", epilog=EXAMPLES["figures"],
                              formatter_class=fmt, description="Metric per strategy with seed spread, angle heatmaps "
-                             "faceted by strategy, acute fractions untrained vs trained, cosine histograms, loss terms.")
+                             "faceted by strategy, acute fractions untrained vs trained, cosine histograms, loss terms. "
+                             "Angles over student layers >= 1 and teacher pairs among layers >= 1, as the paper's authors "
+                             "measure (the histograms: student layers >= 1, every teacher pair).")
     figures.add_argument("runs_dir", metavar="RUNS_DIR")
     figures.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/figures")
 
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=EXAMPLES["explain"], formatter_class=fmt, description=textwrap.fill(
                                  "Reads the geometry trace a run wrote while it trained (trace.examples dev examples, "
                                  "probed at step 0 and trace.probes times; no checkpoint is loaded) and draws: (a) the "
-                                 "acute fraction and Thales ratio at the student over training, (b) the distance to the "
+                                 "acute fraction and Thales ratio at the student over training (student layers >= 1, teacher "
+                                 "pairs among layers >= 1), (b) the distance to the "
                                  "matched and to the other teacher layers, (c) one token in the plane of a teacher pair "
                                  "with the student's trajectory and the pair's Thales ball; for runs trained with "
                                  "trace.gradients=true, (d) the parameter-gradient alignment of pulls toward two teacher "
@@ -204,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "seeds, paired t-test Holm-corrected over the table, better/worse only when the Holm "
                              "interval excludes 0, no call below 3 seeds)? (b) do the matching strategies differ by more "
                              "than seed noise (within-seed permutation test of the spread and Friedman's test, seeds as "
-                             "blocks; the spread with a seed-bootstrap interval)? (c) how acute are the angles untrained "
+                             "blocks; the spread with a seed-bootstrap interval)? (c) how acute are the angles (over the "
+                             "cells the acute table names; layergeo figures writes student layers >= 1 and teacher pairs "
+                             "among layers >= 1) untrained "
                              "vs trained, and does the trained fraction, or the trained Thales ratio (distance from a "
                              "teacher pair's midpoint over half the pair's distance), predict the metric (Spearman)? "
                              "Reads a sweep after `layergeo figures`, or the two saved tables. Writes claim_a/b/c CSVs, "
