@@ -79,7 +79,7 @@ def write_selection(root: Path, table: pd.DataFrame, ranking: pd.DataFrame, out:
     })
     title = (f"Random-init students, lr {best['train.random_init_lr']:g}, {best['train.random_init_epochs']:g} epochs "
              "(mean over seeds)")
-    plots.save_figure(plots.loss_curves(setting_curves(root, table, best), title), out / "loss_terms")
+    plots.save_figure(plots.loss_curves(setting_curves(root, table, best), title, legend_title="Setting"), out / "loss_terms")
 
 
 def select(table: pd.DataFrame) -> pd.DataFrame:
