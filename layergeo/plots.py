@@ -964,7 +964,10 @@ def trace_comparison(table: pd.DataFrame) -> Figure:
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
-    """Write stem.png (150 dpi) and stem.pdf atomically, close the figure, return the two paths."""
+    """Write stem.png (150 dpi) and stem.pdf atomically, close the figure, return the two paths.
+
+    The saved area is the drawn content plus a small margin (``bbox_inches="tight"``): a label that the layout
+    engine placed at the figure's edge is not cut off."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -974,7 +977,7 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
             fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{path.name}.")
             try:
                 with os.fdopen(fd, "wb") as handle, plt.rc_context({"pdf.fonttype": 42}):
-                    fig.savefig(handle, format=fmt, dpi=PNG_DPI)
+                    fig.savefig(handle, format=fmt, dpi=PNG_DPI, bbox_inches="tight", pad_inches=0.08)
                 os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)
