@@ -713,7 +713,10 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         a.set_xticklabels([strategy_tick(s) for s in matching])
         a.set_xlim(-0.5, len(matching) - 0.5)
         a.set_ylabel("Difference to None (points)")
-        a.set_title(f"(a) {_interval_text(diff)}", loc="left")
+        low, high = a.get_ylim()
+        cut = low < -100 or high > 100  # a 3-seed Holm interval can pass what a difference of % can be
+        a.set_ylim(max(low, -105), min(high, 105))
+        a.set_title(f"(a) {_interval_text(diff)}" + (", bars cut at ±100" if cut else ""), loc="left")
         sns.despine(ax=a)
         runs = trained[(trained.task == task) & (trained.init == init)].assign(group="all")
         _dot_panel(b, runs, metric, strategies, "group", ["all"], {"all": "0.25"}, spread="std")
@@ -721,7 +724,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         note = ""
         if len(spread):
             first = spread.iloc[0]
-            note = f"spread {first.spread:.1f}, within-seed p = {first.p_permutation:.2g}"
+            note = f"spread {first.spread:.1f} among matching strategies (None aside)\nwithin-seed p = {first.p_permutation:.2g}"
             if np.isfinite(first.get("friedman_p", np.nan)):
                 note += f", Friedman p = {first.friedman_p:.2g}"
         b.set_ylabel(label)
@@ -734,8 +737,8 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
             if column == "frac_acute":
                 _fraction_axis(ax, runs[column], axis="x")
             rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
-            ax.set_title(f"(c) ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g}" if np.isfinite(rho) else "(c) ρ undefined",
-                         loc="left")
+            test = f"ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g}" if np.isfinite(rho) else "ρ undefined"
+            ax.set_title(f"(c) {test} over matching students\n(None drawn, not counted)", loc="left")
             ax.set_xlabel(f"{xlabel}\n({corr.cells.iloc[0]})" if "cells" in corr and len(corr) else xlabel)
             ax.set_ylabel(label)
             sns.despine(ax=ax)

@@ -455,7 +455,10 @@ def test_verdict_panels_read_at_page_width_and_say_what_their_bars_are():
     fig = plots.verdict_panels(*verdict_tables(0.0), "test_accuracy")
     assert fig.get_figwidth() <= 15  # two panels a row (four were 24 inches wide)
     titles = [ax.get_title(loc="left") for ax in fig.axes]
-    assert titles[:2] == ["(a) no interval: every difference 0", "(b) spread 0.0, within-seed p = 1"]
+    assert titles[:2] == ["(a) no interval: every difference 0",
+                          "(b) spread 0.0 among matching strategies (None aside)\nwithin-seed p = 1"]
+    assert titles[2:4] == ["(c) ρ undefined over matching students\n(None drawn, not counted)",
+                           "(c) ρ = 0.10, p = 0.5 over matching students\n(None drawn, not counted)"]
     acute_panel = next(ax for ax in fig.axes if ax.get_xlabel().startswith("Fraction of acute angles"))
     assert acute_panel.get_xlabel() == "Fraction of acute angles, trained\n(S1–S3, teacher pairs among T1–T6)"
     low, high = acute_panel.get_xlim()
@@ -468,6 +471,8 @@ def test_verdict_panels_read_at_page_width_and_say_what_their_bars_are():
         assert box.x0 >= 0 and box.x1 <= fig.bbox.width
     assert plots.verdict_panels(*verdict_tables(1.0), "test_accuracy").axes[0].get_title(loc="left") == \
         "(a) Holm 99.75% t intervals"
+    wide = plots.verdict_panels(*verdict_tables(80.0), "test_accuracy").axes[0]  # intervals 0 to 160 points
+    assert wide.get_title(loc="left") == "(a) Holm 99.75% t intervals, bars cut at ±100" and wide.get_ylim()[1] == 105
 
 
 # ---------------------------------------------------------------- saving
