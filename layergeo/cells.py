@@ -38,12 +38,12 @@ def layer_names(prefix: str, layers: Iterable[int]) -> str:
 
 def cells_label(cells: pd.DataFrame) -> str:
     """What ``cells`` cover, from their rows: 'S1–S3, teacher pairs among T1–T4' (a histogram summed over pairs:
-    'S1–S3, every teacher pair (T0's included)'); 'no cells' for none."""
+    'S1–S3, every teacher pair, T0's included'); 'no cells' for none."""
     if cells.empty:
         return "no cells"
     students = layer_names("S", cells["student_layer"])
     if "teacher_i" not in cells:
-        return f"{students}, every teacher pair (T0's included)"
+        return f"{students}, every teacher pair, T0's included"
     return f"{students}, teacher pairs among {layer_names('T', pd.concat([cells['teacher_i'], cells['teacher_k']]))}"
 
 

@@ -187,7 +187,7 @@ def test_cosine_histograms_density_and_acute_fraction():
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert legend == ["S0: 50.0% acute", "S1: 75.0% acute"]
     assert ax.get_xlim() == (-1, 1)
-    assert fig.get_suptitle() == "Cosines (S0–S1, every teacher pair (T0's included))"
+    assert fig.get_suptitle() == "Cosines (S0–S1, every teacher pair, T0's included)"
     assert any(text.get_text() == "right angle" for text in ax.texts)
     layer_lines = [line for line in ax.get_lines() if line.get_label().startswith("S")]
     for line in layer_lines:
@@ -202,7 +202,7 @@ def test_cosine_histograms_density_and_acute_fraction():
     assert legend == ["Forward: 75.0% acute", "Reverse: 50.0% acute"]
     default = plots.cosine_histograms(by_strategy, title="Cosines", by="strategy")  # student layers >= 1: forward's S1
     assert [text.get_text() for text in default.axes[0].get_legend().get_texts()] == ["Forward: 75.0% acute"]
-    assert default.get_suptitle() == "Cosines (S1, every teacher pair (T0's included))"
+    assert default.get_suptitle() == "Cosines (S1, every teacher pair, T0's included)"
 
 
 def strategy_histograms(counts: dict[str, list[int]]) -> pd.DataFrame:
