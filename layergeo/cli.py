@@ -62,6 +62,9 @@ EXAMPLES = {
   layergeo verdict runs/classification --metric dev_accuracy
   layergeo verdict --results figures/classification/tables/results_all.csv \\
                    --acute figures/classification/plots/acute_summary.csv --out /tmp/verdict""",
+    "lm-eval": """examples (needs `pip install 'layergeo[lm-eval]'` and a network for the tasks' datasets):
+  layergeo lm-eval --run runs/llm-forward --tasks hellaswag,coqa          # the authors' two tasks, zero-shot
+  layergeo lm-eval --run runs/llm-forward --tasks hellaswag --limit 200 --checkpoint init""",
     "reproduce": """examples:
   layergeo reproduce                                         # embedded recipe: Rotten Tomatoes, 2 seeds
   layergeo reproduce --full                                  # + BBC News: the committed results
@@ -223,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "at each training budget (runs trained with train.eval_steps and train.eval_test)")
     verdict.add_argument("--metric", default="test_accuracy", help="test_accuracy (default), dev_accuracy, test_macro_f1")
     verdict.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/verdict (required with --results)")
+
+    lm_eval = sub.add_parser("lm-eval", help="score a decoder-only student with lm-evaluation-harness (optional extra)",
+                             epilog=EXAMPLES["lm-eval"], formatter_class=fmt, description=textwrap.fill(
+                                 "Runs lm-evaluation-harness (the `hf` model) on the merged student of a decoder-only "
+                                 "run, as the authors scored their Qwen3 students on HellaSwag and CoQA, and writes "
+                                 "RUN/lm_eval/<checkpoint>.json: the harness's results per task, its version and these "
+                                 "settings. The harness fetches each task's dataset from the Hugging Face hub.", 100))
+    lm_eval.add_argument("--run", required=True, metavar="DIR", help="a decoder-only (teacher.family: causal) run directory")
+    lm_eval.add_argument("--tasks", required=True, metavar="T1,T2", help="harness task names, comma-separated")
+    lm_eval.add_argument("--checkpoint", default="best", choices=["best", "init"],
+                         help="the trained student (best, default) or the untrained copy (init)")
+    lm_eval.add_argument("--limit", type=int, metavar="N", help="at most N examples per task (default: all)")
+    lm_eval.add_argument("--num-fewshot", type=int, metavar="K", help="default: each task's own (zero-shot for both)")
+    lm_eval.add_argument("--batch-size", type=int, default=8, help="default: 8")
+    lm_eval.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (default: cpu)")
 
     reproduce = sub.add_parser("reproduce", help="the embedded recipe end to end: teacher, grid, geometry, report, figures, verdict",
                                epilog=EXAMPLES["reproduce"], formatter_class=fmt,
@@ -466,9 +484,25 @@ def _quiet_libraries() -> None:
     hub_logging.set_verbosity_error()  # no warning per retry of an unreachable hub
 
 
+def run_lm_eval(args: argparse.Namespace) -> int:
+    from layergeo.lmeval import evaluate_run
+
+    if args.limit is not None and args.limit < 1:
+        raise LayergeoError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise LayergeoError(f"--batch-size must be at least 1, got {args.batch_size}")
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise LayergeoError("--tasks names no task; e.g. --tasks hellaswag,coqa")
+    path = evaluate_run(Path(args.run), args.checkpoint, tasks, args.limit, args.batch_size, args.device, args.num_fewshot)
+    print(f"lm-eval results of {args.checkpoint} in {path}")
+    return 0
+
+
 COMMANDS = {"teacher": run_training, "train": run_training, "mapping": run_mapping, "angles": run_angles,
             "geometry": run_angles, "sweep": run_sweep, "report": run_report, "figures": run_figures,
-            "explain": run_explain, "verdict": run_verdict, "reproduce": run_reproduce}
+            "explain": run_explain, "verdict": run_verdict, "reproduce": run_reproduce,
+            "lm-eval": run_lm_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
