@@ -719,7 +719,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         a.set_title(f"(a) {_interval_text(diff)}" + (", bars cut at ±100" if cut else ""), loc="left")
         sns.despine(ax=a)
         runs = trained[(trained.task == task) & (trained.init == init)].assign(group="all")
-        _dot_panel(b, runs, metric, strategies, "group", ["all"], {"all": "0.25"}, spread="std")
+        _dot_panel(b, runs, metric, strategies, "group", ["all"], {"all": "black"}, spread="std", markers={"all": "s"})
         spread = spreads[(spreads.task == task) & (spreads.init == init)]
         note = ""
         if len(spread):
@@ -745,9 +745,9 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         for ax in lower[len(geometry):]:
             ax.set_axis_off()
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
-    handles += [Line2D([], [], ls="", marker="o", ms=6, color="0.25", label="(b) mean over seeds"),
-                Line2D([], [], ls="", marker="o", ms=3.5, color="0.25", alpha=0.45, label="(b) one seed"),
-                Line2D([], [], ls="-", lw=1.3, color="0.25", label="(b) bar: ± one std over seeds")]
+    handles += [Line2D([], [], ls="", marker="s", ms=6, color="black", label="(b) mean over seeds"),  # not None's grey dot
+                Line2D([], [], ls="", marker="o", ms=3.5, color="black", alpha=0.45, label="(b) one seed"),
+                Line2D([], [], ls="-", lw=1.3, color="black", label="(b) bar: ± one std over seeds")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), frameon=False)
     return fig
 
