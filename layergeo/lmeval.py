@@ -11,21 +11,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from layergeo.errors import LayergeoError
-from layergeo.runs import write_json
+from layergeo.runs import RunDir, write_json
 
 
 def checkpoint_folder(run: Path, checkpoint: str) -> Path:
-    """The merged model folder ``run/checkpoints/<checkpoint>`` of a finished decoder-only run, or a clear error."""
-    config = run / "config.yaml"
-    if not config.is_file():
-        raise LayergeoError(f"{run} is not a run directory (no config.yaml); give the --out folder of a `layergeo train` run")
-    family = (yaml.safe_load(config.read_text()) or {}).get("teacher", {}).get("family")
+    """The merged model folder ``run/checkpoints/<checkpoint>`` of a decoder-only run, or a clear error."""
+    run_dir = RunDir(run)
+    family = run_dir.config().teacher.family
     if family != "causal":
         raise LayergeoError(f"{run} is a {family!r} run; lm-eval scores decoder-only (teacher.family: causal) students")
-    folder = run / "checkpoints" / checkpoint
+    folder = run_dir.checkpoint(checkpoint)
     if not (folder / "config.json").is_file():
         raise LayergeoError(f"{folder} holds no saved model; finish the run first (layergeo train --resume) "
                             "or choose another --checkpoint")

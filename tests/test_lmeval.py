@@ -6,14 +6,16 @@ import sys
 import types
 
 import pytest
-import yaml
 
 from layergeo.cli import main
+from layergeo.config import load_config
+from layergeo.runs import RunDir, write_config
 
 
 def fake_run(root, family="causal", saved=True):
+    """A run folder with a complete config of ``family`` and, if ``saved``, a merged checkpoint's config.json."""
     root.mkdir()
-    (root / "config.yaml").write_text(yaml.safe_dump({"teacher": {"family": family}}))
+    write_config(RunDir(root), load_config(preset="causal-tiny" if family == "causal" else "tiny"))
     if saved:
         (root / "checkpoints" / "best").mkdir(parents=True)
         (root / "checkpoints" / "best" / "config.json").write_text("{}")
@@ -49,7 +51,7 @@ def test_the_merged_student_is_scored_and_the_results_kept(tmp_path, harness, ca
 @pytest.mark.parametrize("case, message", [
     ("encoder", "lm-eval scores decoder-only"),
     ("unsaved", "holds no saved model"),
-    ("not_a_run", "is not a run directory"),
+    ("not_a_run", "is not a layergeo run directory"),
     ("no_tasks", "--tasks names no task"),
     ("limit", "--limit must be at least 1"),
 ])
