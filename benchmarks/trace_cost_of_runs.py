@@ -16,22 +16,22 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from layergeo.report import student_runs
+from layergeo.runs import RunDir, read_json
 
 
 def run_costs(sweep: Path) -> pd.DataFrame:
     """One row per finished student run of ``sweep``: its steps, settings, trace seconds and wall time."""
     rows = []
     for run, results in student_runs(sweep).items():
-        env = json.loads((run / "env.json").read_text())
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        run_dir = RunDir(run)
+        env, config = read_json(run_dir.env_file), run_dir.config()
         if not env.get("trace", {}).get("used"):
             continue
         trace, wall = env["trace"]["seconds"], env["wall_time_s"]
-        rows.append({"sweep": sweep.name, "run": run.name, "family": config["teacher"]["family"], "init": results["init"],
-                     "gradients": bool(config["trace"]["gradients"]), "steps": results["steps"],
+        rows.append({"sweep": sweep.name, "run": run.name, "family": config.teacher.family, "init": results["init"],
+                     "gradients": config.trace.gradients, "steps": results["steps"],
                      "sittings": len(env.get("sittings", [])), "threads": env["threads"], "trace_s": trace,
                      "rest_of_run_s": round(wall - trace, 1), "ratio": trace / (wall - trace)})
     return pd.DataFrame(rows)
