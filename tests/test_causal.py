@@ -208,6 +208,10 @@ def test_a_tiny_causal_run_writes_a_complete_run_directory(tiny_run):
         metrics = results[split]
         assert metrics["n"] == 12 and metrics["accuracy"] == metrics["choice_accuracy"]
         assert 0 <= metrics["exact_match"] <= 1 and metrics["perplexity"] > 1 and metrics["accuracy_by"] == "choice log-likelihood"
+        task = get_family("causal").load_task(run.config())
+        answers = task.splits[split]["completion"].tolist()
+        assert metrics["majority_rate"] == pytest.approx(max(map(answers.count, set(answers))) / 12)
+        assert metrics["predicted_classes"] in (1, 2)  # of the task's two answers
     assert run.mappings()[0]["pairs"] == [[1, 4], [2, 2]]  # reverse of T2, T4 with no embedding pair
     teacher_config = RunDir(tiny_run / "teacher").config()
     assert teacher_config.teacher.family == "causal"

@@ -28,6 +28,7 @@ dequantised to float32 (:mod:`layergeo.smollm2`). ``tiny-llama``, ``tiny-qwen3``
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -229,8 +230,11 @@ class CausalFamily(Family):
         metrics = {"exact_match": sum(exact) / len(order), "token_accuracy": float(sums[1] / max(float(sums[2]), 1.0)),
                    "token_ce": token_ce, "perplexity": float(torch.tensor(token_ce).exp()), "n": len(order)}
         if dataset.choice_ids is not None:
-            right = [int(torch.tensor(scores[i]).argmax()) == dataset.gold[i] for i in order]
-            metrics["choice_accuracy"] = sum(right) / len(order)
+            chosen = [int(torch.tensor(scores[i]).argmax()) for i in order]
+            gold = [dataset.gold[i] for i in order]
+            metrics["choice_accuracy"] = sum(c == g for c, g in zip(chosen, gold)) / len(order)
+            metrics["majority_rate"] = max(Counter(gold).values()) / len(order)  # always answering the commonest choice
+            metrics["predicted_classes"] = len(set(chosen))  # 1: the student gives one answer to everything
         metrics["accuracy"] = metrics.get("choice_accuracy", metrics["exact_match"])
         metrics["accuracy_by"] = "choice log-likelihood" if dataset.choice_ids is not None else "greedy exact match"
         metrics["examples"] = [{"reference": dataset.completions[i], "generated": answers[i].strip()} for i in order[:EXAMPLES_KEPT]]
