@@ -67,8 +67,11 @@ def metric_figures(results: pd.DataFrame, out: Path) -> None:
     """The metric per strategy figures of a results table (the report's results_all)."""
     for metric, label in METRIC_LABELS.items():
         if metric in results and results[metric].notna().any():
-            frame = results.rename(columns={metric: "value"})[["strategy", "init", "task", "seed", "value"]].dropna()
-            plots.save_figure(plots.metric_points(frame, label), out / f"{metric}_by_strategy")
+            frame = results.rename(columns={metric: "value"})[["strategy", "init", "task", "seed", "value"]]
+            majority = f"{metric.split('_')[0]}_majority_rate"
+            if metric.endswith("_accuracy") and majority in results:  # the accuracy of always answering the most common label
+                frame["majority"] = results[majority]
+            plots.save_figure(plots.metric_points(frame.dropna(subset=["value"]), label), out / f"{metric}_by_strategy")
 
 
 def write_figures(root: str | Path, out: Path | None = None) -> Path:
@@ -87,12 +90,18 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
         title = f"Cosines seen from the student{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
         stem = f"cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stacked else "")
         plots.save_figure(plots.cosine_histograms(group, title, by="strategy"), out / stem)
-    losses = loss_terms(root)
-    for (init, task), group in losses.groupby(["init", "task"]):
-        curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()
-        title = f"Loss terms during distillation (mean over seeds): {plots.task_label(task)}, {plots.INIT_LABELS.get(init, init)}"
-        plots.save_figure(plots.loss_curves(curve, title), out / f"loss_terms_{task}_{init}")
+    loss_figures(root, out)
     return out
+
+
+def loss_figures(root: Path, out: Path) -> None:
+    """The loss terms over training of a sweep's runs, one figure per (task, init), seeds averaged."""
+    for (init, task), group in loss_terms(root).groupby(["init", "task"]):
+        curve = group.groupby(["strategy", "step", "term"], as_index=False)["value"].mean()
+        seeds = group["seed"].nunique()
+        title = (f"Loss terms during distillation ({f'mean over {seeds} seeds' if seeds > 1 else 'one seed'}): "
+                 f"{plots.task_label(task)}, {plots.INIT_LABELS.get(init, init).lower()}")
+        plots.save_figure(plots.loss_curves(curve, title), out / f"loss_terms_{task}_{init}")
 
 
 def main(argv: list[str] | None = None) -> int:

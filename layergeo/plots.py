@@ -168,6 +168,24 @@ def _value_scale(value: str) -> ValueScale:
     return VALUE_SCALES[value]
 
 
+def _zoomed(scale: ValueScale, values: np.ndarray) -> ValueScale:
+    """``scale`` narrowed to the side of its centre that holds every value (a fraction of acute angles all in
+    0.8-1 would be one dark blue on 0-1): from the least value (rounded out to a 20th of the full range; the
+    centre's colour) to the end of the scale, the colour bar saying so. Values on both sides: ``scale`` unchanged."""
+    values = values[np.isfinite(values)]
+    step = (scale.vmax - scale.vmin) / 20
+    if values.size == 0 or values.min() < scale.center < values.max():
+        return scale
+    if values.min() >= scale.center:
+        low = round(min(math.floor(round(values.min() / step, 6)) * step, scale.vmax - step), 10)
+        high, center, edge = scale.vmax, low, f"from {low:{scale.fmt}}"
+    else:
+        high = round(max(math.ceil(round(values.max() / step, 6)) * step, scale.vmin + step), 10)
+        low, center, edge = scale.vmin, high, f"up to {high:{scale.fmt}}"
+    return ValueScale(f"{scale.label}\n(colour scale {edge}: no value beyond it)", low, high, center, scale.cmap,
+                      scale.fmt, tuple(np.linspace(low, high, 5)))
+
+
 def _headline(frame: pd.DataFrame, with_embeddings: bool, what: str) -> pd.DataFrame:
     """The headline cells of ``frame`` (``layergeo.cells.headline_cells``), or one line saying there are none."""
     cells = headline_cells(frame, with_embeddings)
@@ -225,6 +243,7 @@ def _heatmap(*args, **kwargs) -> None:
 def _draw_pair_heatmap(ax: plt.Axes, matrix: np.ndarray, teachers: list[int], scale: ValueScale,
                        annotate: bool) -> QuadMesh:
     labels = _teacher_ticks(teachers)
+    ax.set_facecolor("0.8")  # undefined cells (i = k) grey, apart from any colour of the scale
     _heatmap(
         matrix,
         ax=ax,
@@ -255,7 +274,8 @@ def _shared_colorbar(fig: Figure, mesh: QuadMesh, axes: list[plt.Axes], scale: V
 @_themed
 def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str | None = None,
                    with_embeddings: bool = False) -> Figure:
-    """One teacher i x teacher k heatmap of `value` per student layer, on a fixed colour scale.
+    """One teacher i x teacher k heatmap of `value` per student layer, on a fixed colour scale (narrowed to one side
+    of its centre when every value lies there, :func:`_zoomed`).
 
     Columns: student_layer, teacher_i, teacher_k (i < k) and `value`, one of frac_acute,
     mean_angle_deg, mean_cos. Repeated (student_layer, i, k) rows are averaged. Student layers >= 1 and
@@ -276,9 +296,11 @@ def angle_heatmaps(angles: pd.DataFrame, value: str = "frac_acute", title: str |
     panels = list(axes.flat[: len(layers)])
     for ax in axes.flat[len(layers):]:
         ax.remove()
-    for n, (ax, layer) in enumerate(zip(panels, layers)):
-        means = angles[angles["student_layer"] == layer].groupby(["teacher_i", "teacher_k"])[value].mean()
-        mesh = _draw_pair_heatmap(ax, _pair_matrix(means, teachers), teachers, scale, len(teachers) <= MAX_ANNOTATED)
+    matrices = [_pair_matrix(angles[angles["student_layer"] == layer].groupby(["teacher_i", "teacher_k"])[value].mean(),
+                             teachers) for layer in layers]
+    scale = _zoomed(scale, np.concatenate([m.ravel() for m in matrices]))
+    for n, (ax, layer, matrix) in enumerate(zip(panels, layers, matrices)):
+        mesh = _draw_pair_heatmap(ax, matrix, teachers, scale, len(teachers) <= MAX_ANNOTATED)
         ax.set_title(f"Student layer S{layer}")
         ax.set_xlabel("Teacher layer" if n + ncols >= len(layers) else "")
         ax.set_ylabel("Teacher layer" if n % ncols == 0 else "")
@@ -419,7 +441,7 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
     Columns: run, strategy, init, checkpoint, student_layer, teacher_i, teacher_k and `value`.
     Each panel averages over student layers >= 1 and shows teacher layers >= 1 (every layer
     ``with_embeddings``), first within each run, then over runs; the title names the layers averaged.
-    Same fixed colour scale as :func:`angle_heatmaps`. ``title`` is added to the figure title (e.g. the stack).
+    Same colour scale as :func:`angle_heatmaps`. ``title`` is added to the figure title (e.g. the stack).
     """
     scale = _value_scale(value)
     columns = ["run", "strategy", "init", "checkpoint", "student_layer", "teacher_i", "teacher_k", value]
@@ -437,7 +459,10 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
     keys = ["strategy", "init", "checkpoint"]
     per_run = used.groupby([*keys, "run", "teacher_i", "teacher_k"])[value].mean()
     means = per_run.groupby(level=[*keys, "teacher_i", "teacher_k"]).mean()
-    panels = {key: group.droplevel(keys) for key, group in means.groupby(level=keys)}
+    panels = {key: _pair_matrix(group.droplevel(keys), teachers) for key, group in means.groupby(level=keys)}
+    label, scale = scale.label, _zoomed(scale, means.to_numpy(float))
+    same = {row for row in rows if len(drawn := [panels[(s, *row)] for s in strategies if (s, *row) in panels]) > 1
+            and all(np.allclose(m, drawn[0], equal_nan=True) for m in drawn[1:])}  # e.g. untrained: one student a seed
 
     blocks = math.ceil(len(strategies) / MAX_PANEL_COLUMNS)
     ncols = math.ceil(len(strategies) / blocks)
@@ -451,8 +476,7 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
         block, c = divmod(s, ncols)
         ax = axes[block * len(rows) + r, c]
         if (strategy, init, checkpoint) in panels:
-            matrix = _pair_matrix(panels[strategy, init, checkpoint], teachers)
-            mesh = _draw_pair_heatmap(ax, matrix, teachers, scale, len(teachers) <= GRID_ANNOTATED)
+            mesh = _draw_pair_heatmap(ax, panels[strategy, init, checkpoint], teachers, scale, len(teachers) <= GRID_ANNOTATED)
         else:
             ax.set(xticks=[], yticks=[])
             sns.despine(ax=ax, left=True, bottom=True)
@@ -460,11 +484,12 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
         if r == 0:
             ax.set_title(strategy_label(strategy))
         row_label = f"{INIT_LABELS.get(init, init)}\n{CHECKPOINT_LABELS.get(checkpoint, checkpoint)}"
+        row_label += "\n(the same for every strategy)" if (init, checkpoint) in same else ""
         ax.set_ylabel(row_label if c == 0 else "", fontweight="bold", fontsize="small")  # within a panel's height
         ax.set_xlabel("Teacher layer" if r == len(rows) - 1 else "")
     fig.get_layout_engine().set(wspace=0.06)  # a panel's last values clear of the next one's ticks
     _shared_colorbar(fig, mesh, list(fig.axes), scale)
-    fig.suptitle(f"{scale.label}, mean over student layers {layer_names('S', used['student_layer'])} and runs{title}")
+    fig.suptitle(f"{label}, mean over student layers {layer_names('S', used['student_layer'])} and runs{title}")
     return fig
 
 
@@ -512,18 +537,17 @@ def _dot_panel(
     sns.despine(ax=ax)
 
 
-def _dot_legend(ax: plt.Axes, levels: list[Any], colors: Mapping[Any, str], labels: Mapping[Any, str],
-                title: str, spread_label: str) -> None:
+def _dot_key(fig: Figure, levels: list[Any], colors: Mapping[Any, str], labels: Mapping[Any, str],
+             title: str, spread_label: str, extra: Iterable[Line2D] = ()) -> None:
+    """The key of a dot plot, below its panels (a key at the right made the figures 17 inches wide)."""
     handles = [Line2D([], [], ls="", marker=marker, ms=6, color=colors[level], label=f"{labels.get(level, level)}: mean")
                for level, marker in zip(levels, LEVEL_MARKERS * len(levels))]
     handles += [
         Line2D([], [], ls="", marker="o", ms=3.5, color="0.45", alpha=0.45, label="Small dot: one run"),
         Line2D([], [], ls="-", lw=1.3, color="0.45", label=spread_label),
+        *extra,
     ]
-    ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-
-
-DOT_LEGEND_INCHES = 2.8  # the key of a dot plot, right of its panels
+    fig.legend(handles=handles, title=title, loc="outside lower center", ncol=min(3, len(handles)), frameon=False)
 
 
 def _strip_width(n_strategies: int) -> float:
@@ -547,8 +571,8 @@ def _fraction_axis(ax: plt.Axes, values: Iterable[float], axis: str = "y") -> tu
 
 @_themed
 def acute_fraction_points(summary: pd.DataFrame, title: str = "") -> Figure:
-    """Fraction of acute angles per strategy, untrained vs trained: one panel per task (rows) and student init
-    (columns), on one y-axis.
+    """Fraction of acute angles per strategy, untrained vs trained: one panel per task and student init, one
+    above the other (the figure stays about 7 inches wide), on one y-axis.
 
     Columns: run, strategy, init, checkpoint, frac_acute [, task, cells] (one row per run and checkpoint).
     Dots are runs; diamonds are means with a bar from the lowest to the highest run. The y label names the
@@ -560,53 +584,84 @@ def acute_fraction_points(summary: pd.DataFrame, title: str = "") -> Figure:
     inits = _ordered(summary["init"].unique(), INIT_LABELS)
     checkpoints = _ordered(summary["checkpoint"].unique(), CHECKPOINT_LABELS)
     colors = _colors(checkpoints, CHECKPOINT_PALETTE)
-    fig, axes = plt.subplots(
-        len(by_task), len(inits), figsize=(_strip_width(len(strategies)) * len(inits) + DOT_LEGEND_INCHES, 3.6 * len(by_task)),
-        sharey=True, squeeze=False, layout="constrained",
-    )
-    for r, (task, rows) in enumerate(by_task.items()):
-        for c, init in enumerate(inits):
-            _dot_panel(axes[r, c], rows[rows["init"] == init], "frac_acute", strategies, "checkpoint", checkpoints, colors,
-                       spread="range")
-            where = INIT_LABELS.get(init, init)
-            axes[r, c].set_title((f"{task_label(task)}, {where.lower()}" if task is not None else where) + title)
-        axes[r, 0].set_ylabel(textwrap.fill(f"Fraction of acute angles ({table_cells(rows)})", 28))
+    panels = [(task, init) for task in by_task for init in inits]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(_strip_width(len(strategies)), 3.4 * len(panels) + 0.9),
+                             sharey=True, squeeze=False, layout="constrained")
+    for ax, (task, init) in zip(axes[:, 0], panels):
+        rows = by_task[task]
+        _dot_panel(ax, rows[rows["init"] == init], "frac_acute", strategies, "checkpoint", checkpoints, colors, spread="range")
+        where = INIT_LABELS.get(init, init)
+        ax.set_title((f"{task_label(task)}, {where.lower()}" if task is not None else where) + title)
+        ax.set_ylabel(textwrap.fill(f"Fraction of acute angles ({table_cells(rows)})", 28))
     bottom, _ = _fraction_axis(axes[0, 0], summary["frac_acute"])
     if bottom < 0.5:
         for ax in axes.flat:
             ax.axhline(0.5, ls="--", lw=1, color="0.6", zorder=0)
-    _dot_legend(axes[0, -1], checkpoints, colors, CHECKPOINT_LABELS, "Student", "Bar: lowest to highest run")
+    _dot_key(fig, checkpoints, colors, CHECKPOINT_LABELS, "Student", "Bar: lowest to highest run")
     return fig
+
+
+def _majority_line(ax: plt.Axes, rate: float) -> None:
+    """The majority-class rate as a dashed line, or, when it lies more than half the panel's span below the
+    data (it would squash the differences the panel is for), as a note under the x label."""
+    low, high = ax.get_ylim()
+    if rate >= low - 0.5 * (high - low):
+        ax.axhline(rate, ls="--", lw=1, color="0.45", zorder=0)
+    else:
+        ax.set_xlabel(f"{ax.get_xlabel()}\n(majority-class rate {rate:.1f}, below the axis)")
 
 
 @_themed
 def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
-    """A metric (e.g. test accuracy) per strategy: one panel per task (columns) and student init (rows),
-    each on its own y-axis, so one init's range never flattens the other's differences.
+    """A metric (e.g. test accuracy) per strategy: one panel per student init and task, one above the other (the
+    figure stays about 7 inches wide), each on its own y-axis, so one init's range never flattens the other's
+    differences.
 
-    Columns: strategy, init, task, value (one row per run/seed). Dots are seeds; larger markers
-    are means with a bar of +- one standard deviation.
+    Columns: strategy, init, task, value (one row per run/seed) [, majority: the split's majority-class rate,
+    drawn as a dashed line per panel: the accuracy of always answering the most common label]. Dots are seeds;
+    larger markers are means with a bar of +- one standard deviation, or from the lowest to the highest seed when
+    no strategy has 3 seeds (a std of two values is their distance over √2, and can reach below 0).
     """
     _require(results, ["strategy", "init", "task", "value"], "metric points")
+    majority = "majority" in results and results["majority"].notna().any()
+    seeds = int(results.groupby(["strategy", "init", "task"]).size().max())
+    spread, spread_label = ("std", "Bar: ± one std over seeds") if seeds >= 3 else ("range", "Bar: lowest to highest seed")
     strategies = sort_strategies(results["strategy"].unique())
     inits = _ordered(results["init"].unique(), INIT_LABELS)
     tasks = sorted(results["task"].unique())
     colors = _colors(inits, INIT_PALETTE)
     markers = dict(zip(inits, LEVEL_MARKERS * len(inits)))
-    fig, axes = plt.subplots(
-        len(inits), len(tasks), figsize=(_strip_width(len(strategies)) * len(tasks) + DOT_LEGEND_INCHES, 3.3 * len(inits)),
-        squeeze=False, layout="constrained",
-    )
-    for (r, init), (c, task) in itertools.product(enumerate(inits), enumerate(tasks)):
-        ax, rows = axes[r, c], results[(results["task"] == task) & (results["init"] == init)]
-        if rows.empty:
-            ax.set_axis_off()
-            continue
-        _dot_panel(ax, rows, "value", strategies, "init", [init], colors, spread="std", markers=markers)
+    panels = [(init, task) for init, task in itertools.product(inits, tasks)
+              if ((results["task"] == task) & (results["init"] == init)).any()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(_strip_width(len(strategies)), 3.3 * len(panels) + 0.9),
+                             squeeze=False, layout="constrained")
+    for ax, (init, task) in zip(axes[:, 0], panels):
+        rows = results[(results["task"] == task) & (results["init"] == init)]
+        _dot_panel(ax, rows, "value", strategies, "init", [init], colors, spread=spread, markers=markers)
+        if majority and rows["majority"].notna().any():
+            _majority_line(ax, rows["majority"].mean())
         ax.set_title(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}")
         ax.set_ylabel(metric_label)
-    _dot_legend(axes[-1, -1], inits, colors, INIT_LABELS, "Student init", "Bar: ± one std over seeds")
+    extra = [Line2D([], [], ls="--", lw=1, color="0.45", label="Majority-class rate")] if majority else []
+    _dot_key(fig, inits, colors, INIT_LABELS, "Student init", spread_label, extra)
     return fig
+
+
+OVERLAP = 0.02  # curves closer than this share of their panel's range are drawn over one another
+
+
+def _overlap_note(panel: pd.DataFrame, log: bool) -> str:
+    """A second title line when every curve of a loss panel lies within OVERLAP of the panel's range of the
+    others at every step (on the log scale when the panel has one): a reader sees one line and should know why.
+
+    panel: strategy, step, value (one row per strategy and step)."""
+    wide = panel.pivot_table(index="step", columns="strategy", values="value").dropna()
+    if wide.shape[1] < 2 or wide.empty:
+        return ""
+    wide = np.log10(wide) if log else wide
+    span = float(wide.max().max() - wide.min().min())
+    gap = float((wide.max(axis=1) - wide.min(axis=1)).max())
+    return f"\n(all {wide.shape[1]} curves overlap)" if gap <= OVERLAP * span or span == 0 else ""
 
 
 @_themed
@@ -646,7 +701,7 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None, legend_title: s
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(TERM_LABELS.get(term, term))
+        ax.set_title(TERM_LABELS.get(term, term) + _overlap_note(panel, log=ax.get_yscale() == "log"))
         ax.set_xlabel("Training step")
         sns.despine(ax=ax)
     handles = [Line2D([], [], color=colors[s], lw=1.6, label=strategy_label(s)) for s in strategies]
@@ -677,6 +732,15 @@ def _interval_text(diff: pd.DataFrame) -> str:
     if len(diff) and (diff.mean_diff == 0).all():
         return "no interval: every difference 0"
     return "no interval: every seed gives the same difference" if len(finite) else "no interval (too few seeds)"
+
+
+def _correlation_text(rho: float, corr: pd.DataFrame, prefix: str, xs: pd.Series) -> str:
+    """Claim (c)'s panel title: Spearman's ρ and p over the matching students, or why ρ is undefined."""
+    if np.isfinite(rho):
+        return f"ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g} over matching students"
+    if len(xs) and xs.nunique() == 1:
+        return f"ρ undefined: every matching student at {xs.iloc[0]:.3f}"
+    return "ρ undefined over matching students"
 
 
 @_themed
@@ -737,8 +801,8 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
             if column == "frac_acute":
                 _fraction_axis(ax, runs[column], axis="x")
             rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
-            test = f"ρ = {rho:.2f}, p = {corr[f'{prefix}_spearman_p'].iloc[0]:.2g}" if np.isfinite(rho) else "ρ undefined"
-            ax.set_title(f"(c) {test} over matching students\n(None drawn, not counted)", loc="left")
+            ax.set_title(f"(c) {_correlation_text(rho, corr, prefix, runs[runs.strategy != 'none'][column])}\n"
+                         "(None drawn, not counted)", loc="left")
             ax.set_xlabel(f"{xlabel}\n({corr.cells.iloc[0]})" if "cells" in corr and len(corr) else xlabel)
             ax.set_ylabel(label)
             sns.despine(ax=ax)

@@ -112,13 +112,13 @@ def test_every_strategy_has_a_colour_of_its_own_for_every_reader():
 
 @pytest.mark.parametrize(
     "value, clim, label",
-    [
-        ("frac_acute", (0, 1), "Fraction of acute angles"),
-        ("mean_angle_deg", (0, 180), "Mean angle (degrees)"),
-        ("mean_cos", (-1, 1), "Mean cosine of the angle"),
+    [  # every value on one side of the scale's centre: the scale narrows to that side and says so
+        ("frac_acute", (0.6, 1), "Fraction of acute angles\n(colour scale from 0.60: no value beyond it)"),
+        ("mean_angle_deg", (0, 90), "Mean angle (degrees)\n(colour scale up to 90: no value beyond it)"),
+        ("mean_cos", (0.1, 1), "Mean cosine of the angle\n(colour scale from 0.10: no value beyond it)"),
     ],
 )
-def test_angle_heatmaps_panels_ticks_and_fixed_scale(value, clim, label):
+def test_angle_heatmaps_panels_ticks_and_scale(value, clim, label):
     fig = plots.angle_heatmaps(angles_frame(), value, title="Run A", with_embeddings=True)
     panels = heatmap_axes(fig)
     assert [ax.get_title() for ax in panels] == ["Student layer S0", "Student layer S1", "Student layer S2"]
@@ -126,7 +126,7 @@ def test_angle_heatmaps_panels_ticks_and_fixed_scale(value, clim, label):
     for ax in panels:
         assert ticks(ax.get_xticklabels()) == TEACHER_TICKS
         assert ticks(ax.get_yticklabels()) == TEACHER_TICKS
-        assert ax.collections[0].get_clim() == clim
+        assert ax.collections[0].get_clim() == pytest.approx(clim)
     (colorbar,) = colorbar_axes(fig)
     assert colorbar.get_ylabel() == label
     assert panels[0].get_ylabel() == "Teacher layer"
@@ -274,18 +274,40 @@ def test_comparison_grid_facets_labels_scale_and_averaging():
     assert len(grid) == 8  # 4 (init, checkpoint) rows x 2 strategies
     assert [grid[0, c].get_title() for c in range(2)] == ["Forward", "Reverse"]
     row_labels = [grid[r, 0].get_ylabel() for r in range(4)]
+    same = "\n(the same for every strategy)"  # the frame gives both strategies the same values
     assert row_labels == [
-        "Weights copied\nUntrained", "Weights copied\nTrained",
-        "Randomly initialised\nUntrained", "Randomly initialised\nTrained",
+        "Weights copied\nUntrained" + same, "Weights copied\nTrained" + same,
+        "Randomly initialised\nUntrained" + same, "Randomly initialised\nTrained" + same,
     ]
+    tidy = tidy_frame()
+    tidy.loc[(tidy.strategy == "reverse") & (tidy.checkpoint == "best"), "frac_acute"] += 0.05
+    labels = {ax.get_ylabel() for ax in heatmap_axes(plots.comparison_grid(tidy))}
+    assert labels == {"Weights copied\nUntrained" + same, "Weights copied\nTrained", "Randomly initialised\nUntrained" + same,
+                      "Randomly initialised\nTrained", ""}
     assert "mean over student layers S1–S2 and runs" in fig.get_suptitle()
     for ax in grid.values():
-        assert ax.collections[0].get_clim() == (0, 1)
+        assert ax.collections[0].get_clim() == pytest.approx((0.65, 1))  # the least mean drawn is 0.66
         assert ticks(ax.get_xticklabels()) == TEACHER_TICKS[1:]  # teacher layers >= 1 by default
     # layer 0 (0.0) left out; runs at 0.6 and 0.7 (+ 0.01 (k - i)) averaged
     cells = grid[0, 0].collections[0].get_array().reshape(TEACHER_STATES - 1, TEACHER_STATES - 1)
     assert cells[0, 1] == pytest.approx(0.66)
     assert len(colorbar_axes(fig)) == 1
+
+
+def test_heatmap_scales_narrow_only_when_every_value_is_on_one_side_of_the_centre():
+    full = plots.VALUE_SCALES["frac_acute"]
+    assert plots._zoomed(full, np.array([0.3, 0.9, np.nan])) is full  # both sides: the fixed scale
+    assert plots._zoomed(full, np.array([np.nan])) is full
+    high = plots._zoomed(full, np.array([0.83, 0.97, np.nan]))
+    assert (high.vmin, high.vmax, high.center) == (0.8, 1, 0.8) and high.ticks == pytest.approx((0.8, 0.85, 0.9, 0.95, 1))
+    assert plots._zoomed(full, np.array([1.0, 1.0])).vmin == pytest.approx(0.95)  # never an empty range
+    low = plots._zoomed(full, np.array([0.02, 0.31]))
+    assert (low.vmin, low.vmax, low.center) == (0, 0.35, 0.35) and "up to 0.35" in low.label
+    both_sides = pd.concat([angles_frame(frac=0.2), angles_frame(frac=0.7)])  # cells average to 0.46-0.5
+    both_sides.loc[both_sides.student_layer == 1, "frac_acute"] = 0.9
+    fig = plots.angle_heatmaps(both_sides, "frac_acute", with_embeddings=True)
+    assert heatmap_axes(fig)[0].collections[0].get_clim() == (0, 1)
+    assert colorbar_axes(fig)[0].get_ylabel() == "Fraction of acute angles"
 
 
 def test_comparison_grid_with_the_embedding_output_averages_it_in_and_says_so():
@@ -303,7 +325,7 @@ def test_comparison_grid_missing_cell_and_bad_value():
     fig = plots.comparison_grid(tidy, value="mean_angle_deg")
     heatmaps = heatmap_axes(fig)
     assert len(heatmaps) == 6
-    assert heatmaps[0].collections[0].get_clim() == (0, 180)
+    assert heatmaps[0].collections[0].get_clim() == (0, 90)  # every mean angle below 90 degrees
     assert sum(text.get_text() == "no runs" for ax in fig.axes for text in ax.texts) == 2
     with pytest.raises(LayergeoError, match="unknown value"):
         plots.comparison_grid(tidy, value="frac")
@@ -343,8 +365,9 @@ def test_acute_fraction_points():
         assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.get_lines())  # chance level is in range here
     # a table without a cells column was written by older code, whose frac_acute covered every cell
     assert fig.axes[0].get_ylabel() == "Fraction of acute angles\n(every measured layer,\nembedding output included)"
-    handles = fig.axes[-1].get_legend().legend_handles
-    assert [text.get_text() for text in fig.axes[-1].get_legend().get_texts()][:2] == ["Untrained: mean", "Trained: mean"]
+    assert fig.get_figwidth() < 8  # panels one above the other, the key below them
+    handles = fig.legends[0].legend_handles
+    assert [text.get_text() for text in fig.legends[0].get_texts()][:2] == ["Untrained: mean", "Trained: mean"]
     assert handles[0].get_marker() != handles[1].get_marker() and handles[0].get_color() != handles[1].get_color()
     with pytest.raises(LayergeoError, match="missing column.*checkpoint"):
         plots.acute_fraction_points(summary_frame().drop(columns="checkpoint"))
@@ -385,8 +408,26 @@ def test_metric_points_mean_and_std():
     for ax, (low, high) in zip(fig.axes, [(20.7, 20.8)] * 2 + [(0.7, 0.8)] * 2):
         bottom, top = ax.get_ylim()
         assert bottom <= low and high <= top and top - bottom < 1  # the panel spans its own init's values only
-    legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
-    assert legend[:2] == ["Weights copied: mean", "Randomly initialised: mean"]
+    assert fig.get_figwidth() < 8  # panels one above the other, the key below them
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == ["Weights copied: mean", "Randomly initialised: mean", "Small dot: one run", "Bar: lowest to highest seed"]
+    bars = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    assert bars and all(seg[:, 1].min() == pytest.approx(0.7) and seg[:, 1].max() == pytest.approx(0.8)
+               for c in bars for seg in c.get_segments())  # two seeds: the bar spans them (a std would pass both)
+
+
+def test_metric_points_draw_the_majority_class_rate_and_std_bars_from_three_seeds():
+    results = pd.DataFrame([{"strategy": strategy, "init": "copy", "task": "rotten_tomatoes", "value": 60.0 + seed,
+                             "majority": 61.0} for strategy in ["none", "reverse"] for seed in range(3)])
+    fig = plots.metric_points(results, "Test accuracy (%)")
+    ax = fig.axes[0]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(61.0)
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend[-2:] == ["Bar: ± one std over seeds", "Majority-class rate"]
+    far = plots.metric_points(results.assign(majority=20.0), "Test accuracy (%)").axes[0]  # would squash 60-62
+    assert not [line for line in far.get_lines() if line.get_linestyle() == "--"] and far.get_ylim()[0] > 50
+    assert far.get_xlabel() == "Layer-matching strategy\n(majority-class rate 20.0, below the axis)"
 
 
 def test_loss_curves_panels_palette_and_log_scale():
@@ -396,12 +437,13 @@ def test_loss_curves_panels_palette_and_log_scale():
             {"strategy": strategy, "step": step, "term": term, "value": value}
             for strategy in ["reverse", "forward"]
             for step in steps
-            for term, value in [("ce", 1.0 / step**2), ("hidden", 2.0 / step), ("lr", 0.0 if step == 5 else 1e-4)]
+            for term, value in [("ce", 1.0 / step**2), ("hidden", (2.0 if strategy == "forward" else 2.2) / step),
+                                ("lr", 0.0 if step == 5 else 1e-4)]
         ]
     )
     fig = plots.loss_curves(metrics, title="Training")
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["Cross-entropy with labels", "Hidden-state loss", "Learning rate"]
+    titles = [ax.get_title() for ax in fig.axes]  # identical curves are said to be (a reader sees one line)
+    assert titles == ["Cross-entropy with labels\n(all 2 curves overlap)", "Hidden-state loss", "Learning rate\n(all 2 curves overlap)"]
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "linear", "linear"]  # log only past a decade, and positive
     colors = [line.get_color() for line in fig.axes[0].get_lines()]
     assert colors == [plots.STRATEGY_PALETTE["forward"], plots.STRATEGY_PALETTE["reverse"]]
@@ -411,6 +453,15 @@ def test_loss_curves_panels_palette_and_log_scale():
     settings = metrics.assign(strategy=metrics.strategy.map({"forward": "lr 1e-4", "reverse": "lr 5e-4"}))
     assert plots.loss_curves(settings).legends[0].get_title().get_text() == ""  # settings are not strategies
     assert plots.loss_curves(settings, legend_title="Setting").legends[0].get_title().get_text() == "Setting"
+
+
+def test_overlap_note_reads_log_panels_on_their_log_scale():
+    steps = np.arange(1, 11)
+    panel = pd.DataFrame([{"strategy": s, "step": k, "value": v} for k in steps
+                          for s, v in [("forward", 1000.0 / k**3), ("reverse", 1000.0 / k**3 + 0.5)]])
+    assert plots._overlap_note(panel, log=False) == "\n(all 2 curves overlap)"  # 0.5 in a range of 1000
+    assert plots._overlap_note(panel, log=True) == ""  # 1.0 vs 1.5 at step 10: apart on the log scale
+    assert plots._overlap_note(panel[panel.strategy == "forward"], log=False) == ""  # one curve overlaps nothing
 
 
 def trace_table(seeds=(0,), inits=("copy",)) -> pd.DataFrame:
@@ -457,7 +508,7 @@ def test_verdict_panels_read_at_page_width_and_say_what_their_bars_are():
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     assert titles[:2] == ["(a) no interval: every difference 0",
                           "(b) spread 0.0 among matching strategies (None aside)\nwithin-seed p = 1"]
-    assert titles[2:4] == ["(c) ρ undefined over matching students\n(None drawn, not counted)",
+    assert titles[2:4] == ["(c) ρ undefined: every matching student at 1.000\n(None drawn, not counted)",
                            "(c) ρ = 0.10, p = 0.5 over matching students\n(None drawn, not counted)"]
     acute_panel = next(ax for ax in fig.axes if ax.get_xlabel().startswith("Fraction of acute angles"))
     assert acute_panel.get_xlabel() == "Fraction of acute angles, trained\n(S1–S3, teacher pairs among T1–T6)"
@@ -513,3 +564,10 @@ def test_figures_redrawn_from_saved_tables(tmp_path):
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == sorted(f"{stem}.{ext}" for stem in ("acute_fraction_by_strategy", "dev_accuracy_by_strategy",
                                                         "test_accuracy_by_strategy") for ext in ("png", "pdf"))
+
+
+def test_claim_c_titles_say_why_rho_is_undefined():
+    corr = pd.DataFrame([{"acute_spearman_p": 0.04}])
+    assert plots._correlation_text(0.5, corr, "acute", pd.Series([0.9, 0.95])) == "ρ = 0.50, p = 0.04 over matching students"
+    assert plots._correlation_text(np.nan, corr, "acute", pd.Series([1.0, 1.0])) == "ρ undefined: every matching student at 1.000"
+    assert plots._correlation_text(np.nan, corr, "acute", pd.Series([0.9, 0.95])) == "ρ undefined over matching students"
