@@ -650,12 +650,12 @@ def metric_points(results: pd.DataFrame, metric_label: str) -> Figure:
 OVERLAP = 0.02  # curves closer than this share of their panel's range are drawn over one another
 
 
-def _overlap_note(panel: pd.DataFrame, log: bool) -> str:
-    """A second title line when every curve of a loss panel lies within OVERLAP of the panel's range of the
-    others at every step (on the log scale when the panel has one): a reader sees one line and should know why.
+def _overlap_note(panel: pd.DataFrame, log: bool, lines: str | list[str] = "strategy", value: str = "value") -> str:
+    """A second title line when every curve of a panel lies within OVERLAP of the panel's range of the others at
+    every step (on the log scale when the panel has one): a reader sees one line and should know why.
 
-    panel: strategy, step, value (one row per strategy and step)."""
-    wide = panel.pivot_table(index="step", columns="strategy", values="value").dropna()
+    panel: ``lines`` (the columns that name a curve), step, ``value``; repeated rows (seeds) are averaged."""
+    wide = panel.pivot_table(index="step", columns=lines, values=value).dropna()
     if wide.shape[1] < 2 or wide.empty:
         return ""
     wide = np.log10(wide) if log else wide
@@ -1006,6 +1006,7 @@ def trace_comparison(table: pd.DataFrame) -> Figure:
             ax.plot(line.index, line.values, styles[init], color=colors[strategy], marker="o", ms=2.5)
         if column in ("frac_acute", "pulls_aligned"):
             _fraction_axis(ax, table[column])
+        ax.set_title(_overlap_note(table, False, ["strategy", "init"], column).strip(), fontsize="small")
         if column == "matched" and "none" in strategies:
             label += "\n(None: to the forward targets)"
         ax.set_xlabel("Training step")

@@ -481,6 +481,11 @@ def test_trace_comparison_says_seed_init_and_cells_and_keeps_fractions_inside_0_
     for ax in panels[:2]:  # the acute fraction and the aligned pulls, 1.0 throughout
         low, high = ax.get_ylim()
         assert low < 1.0 < high <= 1.05 and all(0 <= t <= 1 for t in ax.get_yticks())
+    assert [ax.get_title() for ax in panels] == ["(all 2 curves overlap)"] * 5  # None and Forward traced alike
+    apart = trace_table()
+    apart.loc[apart.strategy == "forward", "matched"] -= 1.0
+    panels = [ax for ax in plots.trace_comparison(apart).axes if ax.get_ylabel()]
+    assert [ax.get_title() for ax in panels] == ["(all 2 curves overlap)"] * 3 + ["", "(all 2 curves overlap)"]
     assert [ax.get_ylabel() for ax in panels][3] == "Distance to the matched layer\n(None: to the forward targets)"
     legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert legend == ["None", "Forward"]  # the one init is in the title, not a line-style entry
