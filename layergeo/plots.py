@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from layergeo.cells import cells_label, headline_cells, layer_names, table_cells
 from layergeo.errors import LayergeoError
@@ -182,8 +182,9 @@ def _zoomed(scale: ValueScale, values: np.ndarray) -> ValueScale:
     else:
         high = round(max(math.ceil(round(values.max() / step, 6)) * step, scale.vmin + step), 10)
         low, center, edge = scale.vmin, high, f"up to {high:{scale.fmt}}"
+    ticks = tuple(float(t) for t in MaxNLocator(5, steps=[1, 2.5, 5, 10]).tick_values(low, high) if low - 1e-9 <= t <= high + 1e-9)
     return ValueScale(f"{scale.label}\n(colour scale {edge}: no value beyond it)", low, high, center, scale.cmap,
-                      scale.fmt, tuple(np.linspace(low, high, 5)))
+                      scale.fmt, ticks)
 
 
 def _headline(frame: pd.DataFrame, with_embeddings: bool, what: str) -> pd.DataFrame:

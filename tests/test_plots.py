@@ -301,6 +301,7 @@ def test_heatmap_scales_narrow_only_when_every_value_is_on_one_side_of_the_centr
     high = plots._zoomed(full, np.array([0.83, 0.97, np.nan]))
     assert (high.vmin, high.vmax, high.center) == (0.8, 1, 0.8) and high.ticks == pytest.approx((0.8, 0.85, 0.9, 0.95, 1))
     assert plots._zoomed(full, np.array([1.0, 1.0])).vmin == pytest.approx(0.95)  # never an empty range
+    assert plots._zoomed(full, np.array([0.76, 0.9])).ticks == pytest.approx((0.75, 0.8, 0.85, 0.9, 0.95, 1))  # round ticks
     low = plots._zoomed(full, np.array([0.02, 0.31]))
     assert (low.vmin, low.vmax, low.center) == (0, 0.35, 0.35) and "up to 0.35" in low.label
     both_sides = pd.concat([angles_frame(frac=0.2), angles_frame(frac=0.7)])  # cells average to 0.46-0.5
