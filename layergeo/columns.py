@@ -12,3 +12,8 @@ def metric_columns(split: str, metrics: dict) -> dict:
     if "predicted_classes" in metrics:
         columns[f"{split}_predicted_classes"] = metrics["predicted_classes"]
     return columns
+
+
+def split_column(metric_column: str, metric: str) -> str:
+    """The column of ``metric`` on the split of ``metric_column``: ("test_accuracy", "majority_rate") -> "test_majority_rate"."""
+    return f"{metric_column.split('_')[0]}_{metric}"

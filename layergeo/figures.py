@@ -15,6 +15,7 @@ import pandas as pd
 
 from layergeo import plots
 from layergeo.analyse import AngleOptions, compare_runs, expand_runs
+from layergeo.columns import split_column
 from layergeo.report import collect_results
 from layergeo.runs import read_jsonl
 
@@ -68,7 +69,7 @@ def metric_figures(results: pd.DataFrame, out: Path) -> None:
     for metric, label in METRIC_LABELS.items():
         if metric in results and results[metric].notna().any():
             frame = results.rename(columns={metric: "value"})[["strategy", "init", "task", "seed", "value"]]
-            majority = f"{metric.split('_')[0]}_majority_rate"
+            majority = split_column(metric, "majority_rate")
             if metric.endswith("_accuracy") and majority in results:  # the accuracy of always answering the most common label
                 frame["majority"] = results[majority]
             plots.save_figure(plots.metric_points(frame.dropna(subset=["value"]), label), out / f"{metric}_by_strategy")

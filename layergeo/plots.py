@@ -433,6 +433,12 @@ def matrix_heatmap(
 # ---------------------------------------------------------------- comparisons across runs
 
 
+def _alike(matrices: list[np.ndarray]) -> bool:
+    """Whether a row of a comparison grid shows one picture in every panel (the untrained students of a seed are
+    one student whatever the strategy): at least two panels, all equal."""
+    return len(matrices) > 1 and all(np.allclose(m, matrices[0], equal_nan=True) for m in matrices[1:])
+
+
 @_themed
 def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = "", with_embeddings: bool = False) -> Figure:
     """Teacher i x teacher k heatmaps of `value`: one column per strategy, one row per (init, checkpoint);
@@ -462,8 +468,7 @@ def comparison_grid(tidy: pd.DataFrame, value: str = "frac_acute", title: str = 
     means = per_run.groupby(level=[*keys, "teacher_i", "teacher_k"]).mean()
     panels = {key: _pair_matrix(group.droplevel(keys), teachers) for key, group in means.groupby(level=keys)}
     label, scale = scale.label, _zoomed(scale, means.to_numpy(float))
-    same = {row for row in rows if len(drawn := [panels[(s, *row)] for s in strategies if (s, *row) in panels]) > 1
-            and all(np.allclose(m, drawn[0], equal_nan=True) for m in drawn[1:])}  # e.g. untrained: one student a seed
+    same = {row for row in rows if _alike([panels[(s, *row)] for s in strategies if (s, *row) in panels])}
 
     blocks = math.ceil(len(strategies) / MAX_PANEL_COLUMNS)
     ncols = math.ceil(len(strategies) / blocks)
@@ -652,8 +657,8 @@ OVERLAP = 0.02  # curves closer than this share of their panel's range are drawn
 
 
 def _overlap_note(panel: pd.DataFrame, log: bool, lines: str | list[str] = "strategy", value: str = "value") -> str:
-    """A second title line when every curve of a panel lies within OVERLAP of the panel's range of the others at
-    every step (on the log scale when the panel has one): a reader sees one line and should know why.
+    """"(all N curves overlap)" when every curve of a panel lies within OVERLAP of the panel's range of the others
+    at every step (on the log scale when the panel has one), else "": a reader who sees one line should know why.
 
     panel: ``lines`` (the columns that name a curve), step, ``value``; repeated rows (seeds) are averaged."""
     wide = panel.pivot_table(index="step", columns=lines, values=value).dropna()
@@ -662,7 +667,7 @@ def _overlap_note(panel: pd.DataFrame, log: bool, lines: str | list[str] = "stra
     wide = np.log10(wide) if log else wide
     span = float(wide.max().max() - wide.min().min())
     gap = float((wide.max(axis=1) - wide.min(axis=1)).max())
-    return f"\n(all {wide.shape[1]} curves overlap)" if gap <= OVERLAP * span or span == 0 else ""
+    return f"(all {wide.shape[1]} curves overlap)" if gap <= OVERLAP * span or span == 0 else ""
 
 
 @_themed
@@ -702,7 +707,8 @@ def loss_curves(metrics: pd.DataFrame, title: str | None = None, legend_title: s
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(TERM_LABELS.get(term, term) + _overlap_note(panel, log=ax.get_yscale() == "log"))
+        note = _overlap_note(panel, log=ax.get_yscale() == "log")
+        ax.set_title(TERM_LABELS.get(term, term) + (f"\n{note}" if note else ""))
         ax.set_xlabel("Training step")
         sns.despine(ax=ax)
     handles = [Line2D([], [], color=colors[s], lw=1.6, label=strategy_label(s)) for s in strategies]
@@ -1007,7 +1013,7 @@ def trace_comparison(table: pd.DataFrame) -> Figure:
             ax.plot(line.index, line.values, styles[init], color=colors[strategy], marker="o", ms=2.5)
         if column in ("frac_acute", "pulls_aligned"):
             _fraction_axis(ax, table[column])
-        ax.set_title(_overlap_note(table, False, ["strategy", "init"], column).strip(), fontsize="small")
+        ax.set_title(_overlap_note(table, False, ["strategy", "init"], column), fontsize="small")
         if column == "matched" and "none" in strategies:
             label += "\n(None: to the forward targets)"
         ax.set_xlabel("Training step")

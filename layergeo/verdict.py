@@ -38,6 +38,7 @@ from scipy import stats
 from layergeo import plots
 from layergeo.budgets import collect_budget_results
 from layergeo.cells import table_cells
+from layergeo.columns import split_column
 from layergeo.errors import LayergeoError
 from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, student_runs, summary_stats
 from layergeo.runs import write_text
@@ -186,13 +187,13 @@ def _claim_a(diffs: pd.DataFrame, family: int) -> str:
 
 def _collapsed(results: pd.DataFrame, task: str, init: str, metric: str) -> str:
     split = metric.split("_")[0]
-    column = f"{split}_predicted_classes"
+    column = split_column(metric, "predicted_classes")
     if column not in results:
         return (f" The results table does not record how many classes each student predicts on {split}, so students "
                 f"that predict a single class cannot be flagged from it.")
     students = results[(results.task == task) & (results.init == init)]
     single = students[students[column] == 1]
-    majority = f"{split}_majority_rate"
+    majority = split_column(metric, "majority_rate")
     rate = f" (majority-class rate {students[majority].mean():.1f}%)" if majority in students else ""
     if single.empty:
         return f" 0 of {len(students)} students predict a single class on {split}{rate}."

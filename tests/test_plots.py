@@ -460,7 +460,7 @@ def test_overlap_note_reads_log_panels_on_their_log_scale():
     steps = np.arange(1, 11)
     panel = pd.DataFrame([{"strategy": s, "step": k, "value": v} for k in steps
                           for s, v in [("forward", 1000.0 / k**3), ("reverse", 1000.0 / k**3 + 0.5)]])
-    assert plots._overlap_note(panel, log=False) == "\n(all 2 curves overlap)"  # 0.5 in a range of 1000
+    assert plots._overlap_note(panel, log=False) == "(all 2 curves overlap)"  # 0.5 in a range of 1000
     assert plots._overlap_note(panel, log=True) == ""  # 1.0 vs 1.5 at step 10: apart on the log scale
     assert plots._overlap_note(panel[panel.strategy == "forward"], log=False) == ""  # one curve overlaps nothing
 
