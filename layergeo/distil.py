@@ -207,7 +207,7 @@ def geometry_trace(config: RunConfig, run: RunDir, family, teacher, student: Stu
     if not accelerator.is_main_process:
         return None
     return GeometryTrace(run, loaded, config.trace, device,
-                         cost=env["trace"])  # env.json's trace.seconds: the trace's own time in this sitting
+                         cost=env["sittings"][-1])  # its time in this sitting; env.json's trace.seconds sums the sittings
 
 
 def _teacher_needs(mapping: StackMapping, config: RunConfig) -> tuple[bool, bool]:

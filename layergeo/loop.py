@@ -418,11 +418,14 @@ def write_env(run: RunDir, env: dict) -> None:
 
 
 def record_sitting(env: dict, end: bool = False) -> None:
-    """Update this sitting's last sign of life and the wall time summed over all sittings."""
+    """Update this sitting's last sign of life, the wall time summed over all sittings and, for a traced run, the
+    trace's time summed over them (``trace.seconds``; a sitting's own is its ``trace_s``)."""
     sitting = env["sittings"][-1]
     sitting["seen"] = now()
     sitting["wall_time_s"] = round(time.time() - env["_t0"], 1)
     env["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in env["sittings"]), 1)
+    if env.get("trace", {}).get("used"):
+        env["trace"]["seconds"] = round(sum(s.get("trace_s", 0.0) for s in env["sittings"]), 3)
     if end:
         env["end"] = sitting["seen"]
         env.pop("_t0")

@@ -56,7 +56,8 @@ class GeometryTrace:
     """The probe set and its measurement; ``record(step)`` appends that step's rows to the run's tables."""
 
     def __init__(self, run: RunDir, loaded: LoadedRun, settings: TraceConfig, device: torch.device, cost: dict | None = None):
-        """``cost``: a dict (the run's env.json entry) whose "seconds" this trace keeps up to date: its own time."""
+        """``cost``: a dict (this sitting's record in the run's env.json) whose "trace_s" the trace increases by its own
+        time."""
         started = time.perf_counter()
         self.run, self.loaded = run, loaded
         self.cost = cost if cost is not None else {}
@@ -73,7 +74,7 @@ class GeometryTrace:
         self.options = AngleOptions(max_examples=settings.examples)
         self.settings = settings
         self.gradients = GradientProbe(loaded, settings.examples, device) if settings.gradients else None
-        self.cost["seconds"] = round(time.perf_counter() - started, 3)
+        self._spent(started)
 
     def steps(self, total: int) -> set[int]:
         return probe_steps(self.settings, total)
@@ -91,8 +92,11 @@ class GeometryTrace:
             append_jsonl_rows(self.run.path / TERM_ALIGNMENT, terms)
             append_jsonl_rows(self.run.path / FIRST_ORDER, first_order)
             summary |= {f"trace/cosine_with_ce/{row['term']}": row["cosine_with_ce"] for row in terms if row["cosine_with_ce"] is not None}
-        self.cost["seconds"] = round(self.cost.get("seconds", 0.0) + time.perf_counter() - started, 3)
+        self._spent(started)
         return summary
+
+    def _spent(self, started: float) -> None:
+        self.cost["trace_s"] = round(self.cost.get("trace_s", 0.0) + time.perf_counter() - started, 3)
 
     @torch.inference_mode()
     def _record_geometry(self, step: int) -> dict[str, float]:

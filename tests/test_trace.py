@@ -105,6 +105,10 @@ def test_a_resumed_run_has_the_trace_of_an_uninterrupted_one(traced, tmp_path, m
     assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
     for whole, cut in zip(trace_tables(tmp_path / "whole"), trace_tables(tmp_path / "cut")):
         pd.testing.assert_frame_equal(whole, cut)
+    env = json.loads((tmp_path / "cut" / "env.json").read_text())  # the trace's time, like the wall time, sums the sittings
+    assert len(env["sittings"]) == 2 and all(sitting["trace_s"] > 0 for sitting in env["sittings"])
+    assert env["trace"]["seconds"] == pytest.approx(sum(sitting["trace_s"] for sitting in env["sittings"]), abs=2e-3)
+    assert env["trace"]["seconds"] < env["wall_time_s"]
 
 
 def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint(traced, tmp_path):
