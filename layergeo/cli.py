@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "trace.gradients=true, (d) the parameter-gradient alignment of pulls toward two teacher "
                                  "layers at start, middle and end and (e) each strategy's hidden-loss gradient and the "
                                  "KL gradient against the task's CE gradient over training (opt-in: measured at 1.7 x the rest of a 32-step "
-                                 "MiniLM run's time and a median 2.3 x on the explain study's 96-step runs, against 0.045 x "
+                                 "MiniLM run's time, a median 2.3 x on the explain study's 96-step runs and 0.77 x on its 320-step ones, "
+                                 "against 0.045 x "
                                  "for the default trace; BENCHMARKS.md). Writes explain.png/.pdf, "
                                  "explain.md (the numbers in sentences) and the tables as CSV.", 100))
     which = explain.add_mutually_exclusive_group(required=True)
