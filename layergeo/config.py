@@ -134,6 +134,9 @@ class TraceConfig:
     # also the parameter-gradient alignments of the pulls toward teacher layers (layergeo.alignment) on 2 x examples
     # more dev examples; memory (teacher layers + 1) x trainable parameters floats per probe. Opt-in: see BENCHMARKS.md
     gradients: bool = False
+    # the student layers whose pull alignments are measured (null: every layer >= 1); each costs a backward pass
+    # with (teacher layers + 1) cotangents per probe, most of a probe's time under a deep teacher
+    gradient_layers: list[int] | None = None
 
 
 @dataclass
@@ -313,6 +316,10 @@ def validate(config: RunConfig) -> RunConfig:
     _integer("trace.examples", config.trace.examples, 0)
     _integer("trace.probes", config.trace.probes, 1)
     _integer("trace.every", config.trace.every, 1, optional=True)
+    shallowest = min(student.layers, student.decoder_layers or student.layers)
+    for layer in config.trace.gradient_layers or []:
+        _integer("trace.gradient_layers", layer, 1, shallowest,
+                 rule=f"every item must be a student layer from 1 to {shallowest} (null: all of them)")
     return config
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from layergeo import plots
 from layergeo.analyse import expand_runs, pooled_settings, summary_fractions
+from layergeo.cells import layer_names
 from layergeo.errors import LayergeoError
 from layergeo.families import get_family
 from layergeo.runs import RunDir, read_jsonl, write_text
@@ -209,7 +210,7 @@ def _change(before: float, after: float) -> str:
 def run_trace_summary(trace: RunTrace) -> pd.DataFrame:
     """One run's trace per step (first stack): frac_acute, thales_ratio, matched, unmatched and, with gradient
     traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none),
-    pulls_aligned (the fraction of student layers j >= 1 and teacher pairs i < k whose parameter pulls have a
+    pulls_aligned (the fraction of measured student layers j >= 1 and teacher pairs i < k whose parameter pulls have a
     positive cosine) and param_sign / state_sign (the fraction of first-order cases i != k whose parameter- and
     state-space predictions have the realised sign)."""
     stack = next(iter(trace.depths))
@@ -241,7 +242,9 @@ def explain_runs(paths: list[str], out: Path) -> Path:
     header = ("| init | strategy | seeds | acute fraction, first → last probe | Thales ratio | distance to the matched layer "
               "(None: to the forward targets) | own pull vs CE (mean over probes) |")
     if gradients:
-        header += " parameter pulls toward two teacher layers aligned (cos > 0), first → last | first-order sign right: parameter / state view |"
+        measured = layer_names("S", pd.concat([t.layers.student_layer for t in traces if not t.layers.empty]))
+        header += (f" parameter pulls toward two teacher layers aligned (cos > 0; at {measured}), first → last | "
+                   "first-order sign right: parameter / state view |")
     lines = [f"# Traces compared\n", f"{pooled}.\n", header, "|---" * (header.count("|") - 1) + "|"]
     for (init, strategy), group in table.groupby(["init", "strategy"]):
         columns = [c for c in ("frac_acute", "thales_ratio", "matched", "own_pull_vs_ce", "pulls_aligned", "param_sign", "state_sign") if c in group]

@@ -73,7 +73,7 @@ class GeometryTrace:
                 self.batches.append(batch)
         self.options = AngleOptions(max_examples=settings.examples)
         self.settings = settings
-        self.gradients = GradientProbe(loaded, settings.examples, device) if settings.gradients else None
+        self.gradients = GradientProbe(loaded, settings.examples, device, settings.gradient_layers) if settings.gradients else None
         self._spent(started)
 
     def steps(self, total: int) -> set[int]:
@@ -150,10 +150,11 @@ class GeometryTrace:
 
 class GradientProbe:
     """The alignments of ``layergeo.alignment`` on 2n dev examples: n for the pulls and the KL term, n held out
-    for the cross-entropy gradient they are compared with. The student runs in eval mode (no dropout)."""
+    for the cross-entropy gradient they are compared with; the pull alignments at student ``layers`` (None: every
+    layer >= 1). The student runs in eval mode (no dropout)."""
 
-    def __init__(self, loaded: LoadedRun, examples: int, device: torch.device):
-        self.loaded = loaded
+    def __init__(self, loaded: LoadedRun, examples: int, device: torch.device, layers: list[int] | None = None):
+        self.loaded, self.layers = loaded, layers
         loader, _, _ = texts_loader(loaded, "dev", max_examples=2 * examples, batch_size=examples)
         batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
         if len(batches) < 2:
@@ -193,7 +194,7 @@ class GradientProbe:
             for stack, hidden in family.hidden_states(out).items():
                 states = self._projected(hidden, masks[stack], stack)
                 teacher = self.teacher_states[stack]
-                for j, matrix in layer_alignment(states, teacher, params, range(1, len(states))).items():
+                for j, matrix in layer_alignment(states, teacher, params, self.layers or range(1, len(states))).items():
                     layer_rows += [{"step": step, "stack": stack, "student_layer": j, "teacher_i": i, "teacher_k": k,
                                     "cosine": _number(matrix[i, k])} for i in range(len(matrix)) for k in range(len(matrix)) if i < k]
                 for name, mapping in self.mappings.items():

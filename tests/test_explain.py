@@ -91,6 +91,7 @@ def test_runs_compared_side_by_side(explained, tmp_path, capsys):
         assert value == pytest.approx(terms[terms.term == term].cosine_with_ce.mean())
     text = (tmp_path / "compare" / "compare.md").read_text()
     assert "| copy | Reverse | 1 |" in text and "| copy | Forward | 1 |" in text and "– → –" in text
+    assert "aligned (cos > 0; at S1–S2)" in text  # the student layers whose pulls were measured
     assert (tmp_path / "compare" / "compare.png").is_file()
     capsys.readouterr()
     assert main(["explain", "--runs", str(other)]) == 2 and "--out" in capsys.readouterr().err

@@ -139,6 +139,20 @@ def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint
     assert row.cosine.item() == pytest.approx(float(g1 @ g3 / (g1.norm() * g3.norm())), abs=1e-5)
 
 
+def test_gradient_layers_measure_those_student_layers_as_a_full_probe_does(traced, tmp_path):
+    from layergeo.trace import alignment_tables
+
+    full, some = tmp_path / "full", tmp_path / "some"
+    for out, extra in ((full, ()), (some, ("trace.gradient_layers=[1]",))):
+        assert _train(out, traced / "teacher", *SETTINGS, "trace.gradients=true", "trace.examples=6", *extra) == 0
+    (full_layers, full_terms, full_first), (layers, terms, first) = alignment_tables(full), alignment_tables(some)
+    assert set(full_layers.student_layer) == {1, 2} and set(layers.student_layer) == {1}
+    pd.testing.assert_frame_equal(layers.reset_index(drop=True),
+                                  full_layers[full_layers.student_layer == 1].reset_index(drop=True))
+    pd.testing.assert_frame_equal(terms, full_terms)
+    pd.testing.assert_frame_equal(first, full_first)
+
+
 def test_the_rail_pull_of_the_gradient_probe_is_the_runs_own_draw(traced, tmp_path, monkeypatch):
     probes = []
 
