@@ -32,6 +32,7 @@ from layergeo.collect import LoadedRun, stack_views, texts_loader, token_states
 from layergeo.config import RunConfig, TraceConfig
 from layergeo.families import Family
 from layergeo.geometry import MeanDistance
+from layergeo.losses import normalize_states
 from layergeo.models import Student
 from layergeo.runs import RunDir, append_jsonl_rows, read_jsonl, truncate_jsonl
 from layergeo.errors import LayergeoError
@@ -151,7 +152,9 @@ class GeometryTrace:
 class GradientProbe:
     """The alignments of ``layergeo.alignment`` on 2n dev examples: n for the pulls and the KL term, n held out
     for the cross-entropy gradient they are compared with; the pull alignments at student ``layers`` (None: every
-    layer >= 1). The student runs in eval mode (no dropout)."""
+    layer >= 1). The pulls are those of the run's hidden loss: W S_j and T_i normalised as ``loss.normalize``
+    says, per layer, before ½|W S_j − T_i|² (the geometry trace keeps the raw states, as ``layergeo angles``).
+    The student runs in eval mode (no dropout)."""
 
     def __init__(self, loaded: LoadedRun, examples: int, device: torch.device, layers: list[int] | None = None):
         self.loaded, self.layers = loaded, layers
@@ -166,16 +169,23 @@ class GradientProbe:
             out = loaded.teacher(**family.inputs(self.pull_batch), output_hidden_states=True)
             masks = family.masks(self.pull_batch)
             self.teacher_logits = out.logits.float().clone()
-            self.teacher_states = {stack: token_states(states, masks[stack]).clone()
+            self.teacher_states = {stack: self._normalised(token_states(states, masks[stack]).clone())
                                    for stack, states in family.hidden_states(out).items()}
         config = loaded.config
         depths = {stack: (view.teacher_layers, view.student_layers) for stack, view in loaded.stacks.items()}
         self.mappings = {name: build_mapping(dataclasses.replace(config.matching, strategy=name), depths, config.seed)
                          for name in STRATEGIES}
 
+    def _normalised(self, teacher: torch.Tensor) -> torch.Tensor:
+        """(N, L_T + 1, d) teacher states, each layer normalised as the hidden loss normalises it."""
+        how = self.loaded.config.loss.normalize
+        return torch.stack([normalize_states(teacher[:, i], how) for i in range(teacher.shape[1])], 1)
+
     def _projected(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, stack: str) -> list[torch.Tensor]:
-        """W S_j at the counted positions, (N, d) per student layer j, in the autograd graph."""
-        return [self.loaded.student.project(l, h[mask.bool()].float(), stack) for l, h in enumerate(hidden)]
+        """W S_j at the counted positions, normalised as the hidden loss does, (N, d) per student layer j, in the
+        autograd graph."""
+        how = self.loaded.config.loss.normalize
+        return [normalize_states(self.loaded.student.project(l, h[mask.bool()].float(), stack), how) for l, h in enumerate(hidden)]
 
     def measure(self, step: int, epoch: int) -> tuple[list[dict], list[dict], list[dict]]:
         """(layer rows: step, stack, student_layer, teacher_i, teacher_k, cosine; term rows: step, term, cosine_with_ce;

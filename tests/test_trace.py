@@ -111,12 +111,18 @@ def test_a_resumed_run_has_the_trace_of_an_uninterrupted_one(traced, tmp_path, m
     assert env["trace"]["seconds"] < env["wall_time_s"]
 
 
-def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint(traced, tmp_path):
+NORMALISED = {"none": lambda x: x, "l2": lambda x: x / x.norm(dim=-1, keepdim=True),  # per token; layernorm over the layer
+              "layernorm": lambda x: (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-5)}
+
+
+@pytest.mark.parametrize("normalize", ["none", "l2", "layernorm"])
+def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint(traced, tmp_path, normalize):
+    """The pulls are those of the run's hidden loss: ½|n(W S_j) − n(T_i)|² with n as loss.normalize says."""
     from layergeo.alignment import flat_gradient
     from layergeo.trace import alignment_tables
 
     out = tmp_path / "gradients"
-    assert _train(out, traced / "teacher", *SETTINGS, "trace.gradients=true", "trace.examples=6") == 0
+    assert _train(out, traced / "teacher", *SETTINGS, "trace.gradients=true", "trace.examples=6", f"loss.normalize={normalize}") == 0
     layers, terms, first_order = alignment_tables(out)
     assert sorted(first_order.step.unique()) == [0, 2, 4, 6] and set(first_order.student_layer) == {2}
     assert sorted(layers.step.unique()) == sorted(terms.step.unique()) == [0, 2, 4, 6]
@@ -132,7 +138,8 @@ def test_gradient_alignments_in_a_run_equal_separate_gradients_of_its_checkpoint
 
     def pull(i):
         student = family.hidden_states(loaded.student(**family.inputs(pull_batch)))["encoder"]
-        return flat_gradient(0.5 * ((student[1][mask] - teacher[i][mask].clone()) ** 2).sum(), params).double()
+        n = NORMALISED[normalize]
+        return flat_gradient(0.5 * ((n(student[1][mask]) - n(teacher[i][mask].clone())) ** 2).sum(), params).double()
 
     g1, g3 = pull(1), pull(3)
     row = layers[(layers.step == 6) & (layers.student_layer == 1) & (layers.teacher_i == 1) & (layers.teacher_k == 3)]
