@@ -56,12 +56,12 @@ def probe_steps(settings: TraceConfig, total: int) -> set[int]:
 class GeometryTrace:
     """The probe set and its measurement; ``record(step)`` appends that step's rows to the run's tables."""
 
-    def __init__(self, run: RunDir, loaded: LoadedRun, settings: TraceConfig, device: torch.device, cost: dict | None = None):
+    def __init__(self, run: RunDir, loaded: LoadedRun, settings: TraceConfig, device: torch.device, cost: dict):
         """``cost``: a dict (this sitting's record in the run's env.json) whose "trace_s" the trace increases by its own
         time."""
         started = time.perf_counter()
         self.run, self.loaded = run, loaded
-        self.cost = cost if cost is not None else {}
+        self.cost = cost
         loader, _, _ = texts_loader(loaded, "dev", max_examples=settings.examples)
         family = loaded.family
         self.batches, self.teacher_states = [], []
@@ -157,7 +157,7 @@ class GradientProbe:
     The student runs in eval mode (no dropout)."""
 
     def __init__(self, loaded: LoadedRun, examples: int, device: torch.device, layers: list[int] | None = None):
-        self.loaded, self.layers = loaded, layers
+        self.loaded, self.layers, self.normalize = loaded, layers, loaded.config.loss.normalize
         loader, _, _ = texts_loader(loaded, "dev", max_examples=2 * examples, batch_size=examples)
         batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
         if len(batches) < 2:
@@ -178,14 +178,13 @@ class GradientProbe:
 
     def _normalised(self, teacher: torch.Tensor) -> torch.Tensor:
         """(N, L_T + 1, d) teacher states, each layer normalised as the hidden loss normalises it."""
-        how = self.loaded.config.loss.normalize
-        return torch.stack([normalize_states(teacher[:, i], how) for i in range(teacher.shape[1])], 1)
+        return torch.stack([normalize_states(teacher[:, i], self.normalize) for i in range(teacher.shape[1])], 1)
 
     def _projected(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, stack: str) -> list[torch.Tensor]:
         """W S_j at the counted positions, normalised as the hidden loss does, (N, d) per student layer j, in the
         autograd graph."""
-        how = self.loaded.config.loss.normalize
-        return [normalize_states(self.loaded.student.project(l, h[mask.bool()].float(), stack), how) for l, h in enumerate(hidden)]
+        return [normalize_states(self.loaded.student.project(l, h[mask.bool()].float(), stack), self.normalize)
+                for l, h in enumerate(hidden)]
 
     def measure(self, step: int, epoch: int) -> tuple[list[dict], list[dict], list[dict]]:
         """(layer rows: step, stack, student_layer, teacher_i, teacher_k, cosine; term rows: step, term, cosine_with_ce;
