@@ -141,8 +141,11 @@ def explain_run(path: str | Path, out: Path | None = None) -> Path:
     plots.save_figure(plots.explain_page(trace.geometry, trace.distances, planes, trace.layers, trace.terms, title, matched),
                       out / "explain")
     write_text(out / "explain.md", summary_text(trace, planes) + "\n")
-    for name, table in (("geometry_over_training", trace.geometry), ("distances_over_training", trace.distances)):
-        write_text(out / f"{name}.csv", table.to_csv(index=False))
+    tables = {"geometry_over_training": trace.geometry, "distances_over_training": trace.distances,
+              "pull_alignment": trace.layers, "pulls_vs_task": trace.terms}  # (a), (b), (d), (e); the last two with gradients
+    for name, table in tables.items():
+        if not table.empty:
+            write_text(out / f"{name}.csv", table.to_csv(index=False))
     return out
 
 

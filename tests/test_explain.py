@@ -9,7 +9,7 @@ import pytest
 from layergeo.cli import main
 from layergeo.explain import deep_geometry, token_plane
 from layergeo.runs import read_jsonl
-from layergeo.trace import trace_tables
+from layergeo.trace import alignment_tables, trace_tables
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,9 @@ def test_the_page_and_its_tables(explained):
     out = explained / "explain"
     for name in ("explain.png", "explain.pdf", "explain.md", "geometry_over_training.csv", "distances_over_training.csv"):
         assert (out / name).is_file(), name
+    layers, terms, _ = alignment_tables(explained)  # the numbers behind panels (d) and (e), as traced
+    pd.testing.assert_frame_equal(pd.read_csv(out / "pull_alignment.csv"), layers, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "pulls_vs_task.csv"), terms, check_dtype=False)
     text = (out / "explain.md").read_text()
     assert "Strategy Reverse" in text and "probes at steps 0, 2, 4" in text and "CE, held-out batch" in text
 
