@@ -390,14 +390,15 @@ def start_env(run: RunDir, config: RunConfig, kind: str, device: torch.device, r
            **recorded) -> dict:
     """env.json for this sitting: the first sitting's record, plus every earlier sitting of a resumed run.
 
-    ``sittings`` lists each sitting's start, last sign of life (``seen``), command, device, threads
-    and processes; ``wall_time_s`` is their sum, so a run resumed after a kill reports all of its time.
+    ``sittings`` lists each sitting's start, last sign of life (``seen``), command, device, threads,
+    processes, git commit and versions (the top-level ones are the last sitting's); ``wall_time_s`` is their sum,
+    so a run resumed after a kill reports all of its time.
     """
     env = environment(kind, str(device), config.seed)
     env["processes"] = state.num_processes
     env.update(recorded)
     earlier = read_json(run.env_file).get("sittings", []) if resume and run.env_file.is_file() else []
-    env["sittings"] = earlier + [{k: env[k] for k in ("start", "command", "device", "threads", "processes")}]
+    env["sittings"] = earlier + [{k: env[k] for k in ("start", "command", "device", "threads", "processes", "git_commit", "versions")}]
     if earlier:
         env["resumed"] = True
         env["start"] = earlier[0]["start"]

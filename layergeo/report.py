@@ -223,12 +223,17 @@ def _distinct(values) -> list:
     return sorted(set(values))
 
 
+def _commits(env: dict) -> list:
+    """The git commits a run was made at: the last sitting's and each sitting's (recorded since runs kept them)."""
+    return [env.get("git_commit")] + [s["git_commit"] for s in env.get("sittings", []) if "git_commit" in s]
+
+
 def provenance(root: str | Path) -> dict:
     """How the finished runs under ``root`` were made, from their env.json files.
 
     Counts and summed wall time per kind (teacher, student), the first start and last end
     (the span a sweep took), and every distinct machine (device, threads, processes),
-    version set, git commit and command that occur among them.
+    version set, git commit (of any sitting) and command that occur among them.
     """
     envs = [read_json(f) for f in sorted(Path(root).rglob("env.json"))]
     envs = [e for e in envs if "end" in e]
@@ -246,7 +251,7 @@ def provenance(root: str | Path) -> dict:
                              f"{e['platform']}" for e in envs),
         "versions": _distinct(" ".join(f"{k} {v}" for k, v in sorted({"python": e["python"], **e["versions"]}.items()))
                              for e in envs),
-        "git_commits": _distinct(str(e.get("git_commit")) for e in envs),
+        "git_commits": _distinct(str(c) for e in envs for c in _commits(e)),
         "commands": _distinct(e["command"] for e in envs if e["kind"] == "teacher" or "--config" not in e["command"]),
     }
 

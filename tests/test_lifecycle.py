@@ -67,6 +67,7 @@ def test_a_kill_anywhere_resumes_to_the_uninterrupted_run(whole, tmp_path, point
     env = json.loads((out / "env.json").read_text())
     if point.startswith("step:run"):  # the student phase had two sittings; its wall time counts both
         assert len(env["sittings"]) == 2 and env["wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in env["sittings"]), abs=0.2)
+        assert all(s["git_commit"] == env["git_commit"] and s["versions"] == env["versions"] for s in env["sittings"])
 
 
 def test_a_kill_after_the_results_leaves_a_finished_run_and_resume_says_so(whole, tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 import layergeo.distil as train_module
 from layergeo.cli import main
-from layergeo.report import paper_table
+from layergeo.report import paper_table, provenance
 
 GRID = """
 name: tiny-grid
@@ -254,3 +254,17 @@ def test_a_block_sets_settings_of_its_own_runs_without_naming_them(tmp_path):
         grid.write_text(f"name: g\npreset: tiny\ngrid:\n  - {{seed: [0], {text}}}\n")
         with pytest.raises(LayergeoError, match=message):
             plan(load_grid(grid), tmp_path / "out")
+
+
+def test_provenance_lists_the_commit_of_every_sitting(tmp_path):
+    """A run resumed at another commit was made at both; env.json's top level holds only the last sitting's."""
+    env = {"kind": "student", "start": "2026-12-03T19:01:00+00:00", "end": "2026-12-03T22:18:00+00:00",
+           "wall_time_s": 10.0, "device": "cpu", "device_name": "x86_64", "threads": 1, "processes": 1,
+           "platform": "Linux", "python": "3.11", "versions": {"torch": "2.13.0"}, "git_commit": "bbb", "command": "c",
+           "sittings": [{"start": "2026-12-03T19:01:00+00:00", "git_commit": "aaa"},
+                        {"start": "2026-12-03T22:17:00+00:00", "git_commit": "bbb"}]}
+    old = {**env, "git_commit": "ccc", "sittings": [{"start": env["start"]}]}  # written before sittings kept commits
+    for name, record in (("resumed", env), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "env.json").write_text(json.dumps(record))
+    assert provenance(tmp_path)["git_commits"] == ["aaa", "bbb", "ccc"]
