@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--runs", nargs="+", metavar="DIR", help="runs (or folders of runs) of one setting: their traces "
                        "compared, a line per strategy (mean over seeds) and init; --out required")
     explain.add_argument("--out", metavar="DIR", help="default: DIR/explain (with --run)")
+    explain.add_argument("--stack", metavar="NAME", help="for runs with several stacks (seq2seq: encoder, decoder): the "
+                         "one the text, the token plane, the gradient matrices and --runs' comparison read (default: "
+                         "the first traced; the page's panels (a) and (b) draw every stack)")
 
     verdict = sub.add_parser("verdict", help="the paper's three claims answered with intervals and tests",
                              epilog=EXAMPLES["verdict"], formatter_class=fmt,
@@ -341,11 +344,11 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.runs:
         if not args.out:
             raise LayergeoError("--runs needs --out DIR: the comparison belongs to no single run")
-        out = explain_runs(args.runs, Path(args.out))
+        out = explain_runs(args.runs, Path(args.out), args.stack)
         print((out / "compare.md").read_text().strip())
         print(f"comparison (PNG and PDF) and compare.csv in {out}")
         return 0
-    out = explain_run(args.run, Path(args.out) if args.out else None)
+    out = explain_run(args.run, Path(args.out) if args.out else None, args.stack)
     print((out / "explain.md").read_text().strip())
     print(f"page (PNG and PDF) and tables in {out}")
     return 0

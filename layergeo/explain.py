@@ -126,21 +126,34 @@ def read_trace(path: str | Path) -> RunTrace:
                     *alignment_tables(run.path))
 
 
-def explain_run(path: str | Path, out: Path | None = None) -> Path:
-    """Write explain.png/.pdf and explain.md for one run (into ``<run>/explain/`` by default)."""
+def traced_stack(trace: RunTrace, stack: str | None) -> str:
+    """``stack`` if the run traced it (None: its first stack, the encoder of a seq2seq run), or one line saying
+    which stacks it traced."""
+    if stack is None:
+        return next(iter(trace.depths))
+    if stack not in trace.depths:
+        raise LayergeoError(f"{trace.run.path} traced the stacks {', '.join(trace.depths)}, not {stack!r}; "
+                            f"give --stack one of them")
+    return stack
+
+
+def explain_run(path: str | Path, out: Path | None = None, stack: str | None = None) -> Path:
+    """Write explain.png/.pdf and explain.md for one run (into ``<run>/explain/`` by default). Panels (a) and (b)
+    draw every traced stack; the text, the token plane (c) and the gradient matrices (d) read ``stack`` (None: the
+    first traced)."""
     trace = read_trace(path)
+    stack = traced_stack(trace, stack)
     out = out or trace.run.path / "explain"
     token = pd.DataFrame(read_jsonl(trace.run.path / TOKEN))
-    stack = next(iter(trace.depths))
     lt, ls = trace.depths[stack]
     # the plane of the last student layer's forward target (T_L) and its reverse target
     reverse = dict(build_mapping(MappingOptions("reverse"), {stack: (lt, ls)}).pairs_at()[stack])[ls]
     planes = token_plane(token, stack, ls, (lt, reverse)) if not token.empty and reverse != lt else None
     title = f"{trace.run.path.name}: {plots.strategy_label(trace.strategy)}, {plots.INIT_LABELS.get(trace.init, trace.init).lower()}"
     matched = "to the forward targets (matching none)" if trace.strategy == "none" else "to the matched layer"
-    plots.save_figure(plots.explain_page(trace.geometry, trace.distances, planes, trace.layers, trace.terms, title, matched),
-                      out / "explain")
-    write_text(out / "explain.md", summary_text(trace, planes) + "\n")
+    plots.save_figure(plots.explain_page(trace.geometry, trace.distances, planes, trace.layers, trace.terms, title, matched,
+                                         stack), out / "explain")
+    write_text(out / "explain.md", summary_text(trace, planes, stack) + "\n")
     tables = {"geometry_over_training": trace.geometry, "distances_over_training": trace.distances,
               "pull_alignment": trace.layers, "pulls_vs_task": trace.terms}  # (a), (b), (d), (e); the last two with gradients
     for name, table in tables.items():
@@ -149,12 +162,11 @@ def explain_run(path: str | Path, out: Path | None = None) -> Path:
     return out
 
 
-def summary_text(trace: RunTrace, planes: dict | None) -> str:
-    """What the run shows, in sentences with its numbers (first stack when there are several)."""
+def summary_text(trace: RunTrace, planes: dict | None, stack: str) -> str:
+    """What the run shows on one of its stacks, in sentences with its numbers."""
     run, strategy, geometry, dist, terms, first_order = (trace.run, trace.strategy, trace.geometry, trace.distances,
                                                          trace.terms, trace.first_order)
     results = run.results() if run.finished else {}
-    stack = geometry["stack"].iloc[0]
     g = geometry[geometry["stack"] == stack].sort_values("step")
     d = dist[dist["stack"] == stack].sort_values("step")
     first, last = g.iloc[0], g.iloc[-1]
@@ -210,13 +222,13 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.0f}%" if before else "from 0"
 
 
-def run_trace_summary(trace: RunTrace) -> pd.DataFrame:
-    """One run's trace per step (first stack): frac_acute, thales_ratio, matched, unmatched and, with gradient
+def run_trace_summary(trace: RunTrace, stack: str | None = None) -> pd.DataFrame:
+    """One run's trace per step on ``stack`` (None: its first): frac_acute, thales_ratio, matched, unmatched and, with gradient
     traces, own_pull_vs_ce (the cosine of the run's own strategy's pull with the CE gradient; NaN for none),
     pulls_aligned (the fraction of measured student layers j >= 1 and teacher pairs i < k whose parameter pulls have a
     positive cosine) and param_sign / state_sign (the fraction of first-order cases i != k whose parameter- and
     state-space predictions have the realised sign)."""
-    stack = next(iter(trace.depths))
+    stack = traced_stack(trace, stack)
     table = trace.geometry[trace.geometry["stack"] == stack].merge(trace.distances, on=["stack", "step"])
     terms, layers, first_order = trace.terms, trace.layers, trace.first_order
     own = terms[terms.term == trace.strategy].set_index("step").cosine_with_ce if not terms.empty else pd.Series(dtype=float)
@@ -231,16 +243,18 @@ def run_trace_summary(trace: RunTrace) -> pd.DataFrame:
     return table.assign(run=trace.run.path.name, strategy=trace.strategy, init=trace.init, seed=trace.seed)
 
 
-def explain_runs(paths: list[str], out: Path) -> Path:
-    """Compare the traces of several runs (one setting, any strategies and inits): compare.png/.pdf, compare.md and
-    compare.csv under ``out``. Runs of one strategy and init are averaged over their seeds."""
+def explain_runs(paths: list[str], out: Path, stack: str | None = None) -> Path:
+    """Compare the traces of several runs (one setting, any strategies and inits) on one stack (None: the first
+    traced): compare.png/.pdf, compare.md and compare.csv under ``out``. Runs of one strategy and init are averaged
+    over their seeds."""
     runs = expand_runs(paths)
     _, pooled = pooled_settings(runs, strict=True)
     traces = [read_trace(path) for path in runs]
-    table = pd.concat([run_trace_summary(trace) for trace in traces], ignore_index=True)
+    table = pd.concat([run_trace_summary(trace, stack) for trace in traces], ignore_index=True)
     write_text(out / "compare.csv", table.to_csv(index=False))
     pulls = pulls_against_task(traces)
-    plots.save_figure(plots.trace_comparison(table), out / "compare")
+    several = len(traces[0].depths) > 1
+    plots.save_figure(plots.trace_comparison(table, table["stack"].iloc[0] if several else ""), out / "compare")
     gradients = "pulls_aligned" in table
     header = ("| init | strategy | seeds | acute fraction, first → last probe | Thales ratio | distance to the matched layer "
               "(None: to the forward targets) | own pull vs CE (mean over probes) |")
@@ -248,7 +262,7 @@ def explain_runs(paths: list[str], out: Path) -> Path:
         measured = layer_names("S", pd.concat([t.layers.student_layer for t in traces if not t.layers.empty]))
         header += (f" parameter pulls toward two teacher layers aligned (cos > 0; at {measured}), first → last | "
                    "first-order sign right: parameter / state view |")
-    lines = [f"# Traces compared\n", f"{pooled}.\n", header, "|---" * (header.count("|") - 1) + "|"]
+    lines = [f"# Traces compared\n", f"{pooled}" + (f"; {table['stack'].iloc[0]} stack" if several else "") + ".\n", header, "|---" * (header.count("|") - 1) + "|"]
     for (init, strategy), group in table.groupby(["init", "strategy"]):
         columns = [c for c in ("frac_acute", "thales_ratio", "matched", "own_pull_vs_ce", "pulls_aligned", "param_sign", "state_sign") if c in group]
         ends = group.groupby("step")[columns].mean().sort_index()

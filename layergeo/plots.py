@@ -887,7 +887,7 @@ def _lines_per_stack(frame: pd.DataFrame, series: list[tuple[plt.Axes, str, str,
 
 @_themed
 def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | None, layers: pd.DataFrame,
-                 terms: pd.DataFrame, title: str, matched: str = "to the matched layer") -> Figure:
+                 terms: pd.DataFrame, title: str, matched: str = "to the matched layer", stack: str | None = None) -> Figure:
     """The ``layergeo explain`` page: (a) acute fraction and Thales ratio over training, (b) distance to the
     matched and to the other teacher layers, (c) one token in the plane of a teacher pair with the Thales
     circle, and with gradient traces (d) the layer-alignment matrices at start, middle and end and (e) each
@@ -895,7 +895,8 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
 
     geometry: stack, step, frac_acute, thales_ratio, cells; distances: stack, step, matched, unmatched; plane: see
     ``explain.token_plane``; layers: step, stack, student_layer, teacher_i, teacher_k, cosine; terms: step, term,
-    cosine_with_ce (both may be empty). ``matched``: what (b)'s matched line measures to.
+    cosine_with_ce (both may be empty). ``matched``: what (b)'s matched line measures to; ``stack``: the stack of
+    (d)'s matrices (None: the first).
     """
     gradients = not layers.empty
     fig = plt.figure(figsize=(15, 9.6 if gradients else 4.6), layout="constrained")
@@ -939,7 +940,7 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
     else:
         ax.set_axis_off()
     if gradients:
-        stack = stacks[0]
+        stack = stack or stacks[0]
         j = int(layers[layers["stack"] == stack].student_layer.max())
         steps = sorted(layers.step.unique())
         chosen = list(dict.fromkeys([steps[0], steps[len(steps) // 2], steps[-1]]))
@@ -956,7 +957,8 @@ def explain_page(geometry: pd.DataFrame, distances: pd.DataFrame, plane: dict | 
             ticks = range(0, size, 1 if size <= 13 else 5)  # a 31-state teacher: every fifth layer
             ax.set_xticks(ticks, [f"T{x}" for x in ticks], fontsize=7)
             ax.set_yticks(ticks, [f"T{x}" for x in ticks], fontsize=7)
-            ax.set_title(f"(d) S{j}, step {step}" if n == 0 else f"step {step}", loc="left")
+            where = f" ({stack})" if len(stacks) > 1 else ""
+            ax.set_title(f"(d) S{j}{where}, step {step}" if n == 0 else f"step {step}", loc="left")
         fig.colorbar(mesh, ax=ax, label="cos(∇ pull to T_i, ∇ pull to T_k)", shrink=0.8)
         ax = fig.add_subplot(grid[1, 2])
         names = list(dict.fromkeys(terms.term))
@@ -986,14 +988,15 @@ def _seeds_text(table: pd.DataFrame, group: list[str]) -> str:
 
 
 @_themed
-def trace_comparison(table: pd.DataFrame) -> Figure:
+def trace_comparison(table: pd.DataFrame, stack: str = "") -> Figure:
     """Traces of several runs, one line per strategy (mean over its seeds) and init (its own line style when
     there are several): acute fraction, Thales ratio, distance to the matched teacher layer and, when the runs
     traced gradients, the fraction of teacher pairs whose parameter pulls are aligned (the acute fraction's
     parameter-space twin) and the own pull's cosine with the CE gradient; panels in rows of three. The title
     names the init, the seeds and the cells of the angles.
 
-    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce (pulls_aligned, cells).
+    table: strategy, init, seed, step, frac_acute, thales_ratio, matched, own_pull_vs_ce (pulls_aligned, cells);
+    ``stack``: named in the title (for runs with several stacks).
     """
     panels = [("frac_acute", "Fraction of acute angles\n(states)"), ("pulls_aligned", "Fraction of aligned pulls\n(parameters)"),
               ("thales_ratio", "Mean Thales ratio"), ("matched", "Distance to the matched layer"),
@@ -1031,8 +1034,9 @@ def trace_comparison(table: pd.DataFrame) -> Figure:
         fig.legend(handles=handles, title="Strategy", loc="outside right upper", frameon=False)
     students = " and ".join(INIT_LABELS.get(i, i).lower() for i in inits)
     cells = f"; angles at {'; '.join(dict.fromkeys(table['cells'].dropna()))}" if "cells" in table else ""
-    fig.suptitle(_wrapped(f"Geometry along training on the probe set: {students}, {_seeds_text(table, ['strategy', 'init'])}"
-                          f"{cells}", fig.get_figwidth()), fontsize="medium")
+    where = f", {stack} stack" if stack else ""
+    fig.suptitle(_wrapped(f"Geometry along training on the probe set{where}: {students}, "
+                          f"{_seeds_text(table, ['strategy', 'init'])}{cells}", fig.get_figwidth()), fontsize="medium")
     return fig
 
 

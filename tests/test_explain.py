@@ -98,3 +98,26 @@ def test_runs_compared_side_by_side(explained, tmp_path, capsys):
     assert (tmp_path / "compare" / "compare.png").is_file()
     capsys.readouterr()
     assert main(["explain", "--runs", str(other)]) == 2 and "--out" in capsys.readouterr().err
+
+
+def test_a_seq2seq_run_is_explained_on_the_stack_asked_for(tmp_path, capsys):
+    run = tmp_path / "run"
+    settings = ("trace.gradients=true", "trace.examples=4", "trace.every=2", "train.max_steps=4", "teacher.train.max_steps=2",
+                "matching.strategy=reverse")
+    assert main(["train", "--preset", "seq2seq-tiny", "--out", str(run), *(a for s in settings for a in ("--set", s))]) == 0
+    geometry = deep_geometry(trace_tables(run)[0]).set_index(["stack", "step"])
+    assert main(["explain", "--run", str(run), "--stack", "decoder", "--out", str(tmp_path / "page")]) == 0
+    text = (tmp_path / "page" / "explain.md").read_text()
+    first = geometry.loc[("decoder", 0)]
+    assert "decoder stack" in text and f"{100 * first.frac_acute:.1f}% acute at step 0" in text
+    assert main(["explain", "--runs", str(run), "--stack", "decoder", "--out", str(tmp_path / "compare")]) == 0
+    table = pd.read_csv(tmp_path / "compare" / "compare.csv").set_index("step")
+    assert set(table["stack"]) == {"decoder"}
+    for step in (0, 2, 4):
+        assert table.frac_acute[step] == pytest.approx(geometry.loc[("decoder", step)].frac_acute)
+    assert "; decoder stack." in (tmp_path / "compare" / "compare.md").read_text()
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run), "--stack", "middle", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "traced the stacks encoder, decoder, not 'middle'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()
