@@ -278,7 +278,9 @@ def explain_runs(paths: list[str], out: Path, stack: str | None = None) -> Path:
         write_text(out / "pulls_vs_ce.csv", pulls.to_csv())
         labels = [plots.strategy_label(t) if t != "kl" else "KL" for t in pulls.columns]
         lines += ["", "Each pull's cosine with the task's gradient (CE on a held-out probe batch), measured at the parameters "
-                  "of the run in the row whatever strategy trains it; mean over probes (and seeds):", "",
+                  "of the run in the row whatever strategy trains it; mean over probes (and seeds)"
+                  + (" (a pull is its hidden loss over every stack: the same table on each stack's comparison)" if several else "")
+                  + ":", "",
                   "| init | run trained with | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
         lines += [f"| {init} | {plots.strategy_label(strategy)} | " + " | ".join(f"{v:+.2f}" for v in row) + " |"
                   for (init, strategy), row in pulls.iterrows()]

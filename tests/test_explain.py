@@ -115,7 +115,8 @@ def test_a_seq2seq_run_is_explained_on_the_stack_asked_for(tmp_path, capsys):
     assert set(table["stack"]) == {"decoder"}
     for step in (0, 2, 4):
         assert table.frac_acute[step] == pytest.approx(geometry.loc[("decoder", step)].frac_acute)
-    assert "; decoder stack." in (tmp_path / "compare" / "compare.md").read_text()
+    compared = (tmp_path / "compare" / "compare.md").read_text()
+    assert "; decoder stack." in compared and "the same table on each stack's comparison" in compared
     capsys.readouterr()
     assert main(["explain", "--run", str(run), "--stack", "middle", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
