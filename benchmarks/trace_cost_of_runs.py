@@ -7,6 +7,9 @@ ratio trace / (wall time - trace) per sweep, family, init and gradient setting (
 
     python benchmarks/trace_cost_of_runs.py /work/sweeps/verdict-full /work/sweeps/llm /work/sweeps/explain \\
         --out benchmarks/results-trace-runs-cpu.json
+
+``--update`` keeps the rows of the sweeps already in ``--out`` that are not given again (their run folders may be
+gone: sweeps live outside the repository and do not outlive a machine).
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", type=Path, nargs="+", help="sweep folders (OUT/<grid name>)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--update", action="store_true", help="keep --out's rows of the sweeps not given")
     args = parser.parse_args()
     runs = pd.concat([run_costs(sweep) for sweep in args.sweeps], ignore_index=True)
+    if args.update and args.out.is_file():
+        kept = pd.DataFrame(json.loads(args.out.read_text())["runs"])
+        runs = pd.concat([kept[~kept.sweep.isin(runs.sweep)], runs], ignore_index=True)
     groups = runs.groupby(["sweep", "family", "init", "gradients"])
     summary = groups.agg(runs=("run", "size"), steps_min=("steps", "min"), steps_max=("steps", "max"),
                          ratio_min=("ratio", "min"), ratio_median=("ratio", "median"), ratio_max=("ratio", "max"),
