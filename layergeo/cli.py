@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "KL gradient against the task's CE gradient over training (opt-in: measured at 1.7 x the rest of a 32-step "
                                  "MiniLM run's time, a median 2.3 x on the explain study's 96-step runs and 0.77 x on its 320-step ones, "
                                  "2.3 x on its 100-step SmolLM2 LoRA runs probed at three student layers (trace.gradient_layers), "
-                                 "0.85 x on its 100-step seq2seq runs probed at S3 of each stack, against 0.045 x "
+                                 "0.86 x on its 100-step seq2seq runs probed at S3 of each stack, against 0.045 x "
                                  "for the default trace; BENCHMARKS.md). Writes explain.png/.pdf, "
                                  "explain.md (the numbers in sentences) and the tables as CSV.", 100))
     which = explain.add_mutually_exclusive_group(required=True)
