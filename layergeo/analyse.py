@@ -26,7 +26,8 @@ from layergeo.cells import cells_label, headline_cells
 from layergeo.collect import LoadedRun, StackView, describe, hidden_states, load_run, texts_loader
 from layergeo.errors import LayergeoError
 from layergeo.progress import progress_bar
-from layergeo.geometry import AngleAccumulator, LinearCKA, MeanDistance, TokenMeanCosine, TransitionCosine, update_angles
+from layergeo.geometry import (AngleAccumulator, LinearCKA, MeanDistance, TokenMeanCosine, TransitionCosine, frac_positive,
+                                update_angles)
 from layergeo.data import read_texts_file
 from layergeo.runs import RunDir, atomic_dir, check_output_path, has_content, write_json, write_text
 from layergeo.processes import resolve_device
@@ -260,7 +261,7 @@ def _write_stacks(out: Path, geometries: dict[str, RunGeometry], options: AngleO
     write_text(out / "angles.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
     loaded = next(iter(geometries.values())).loaded
     keys = ("frac_acute", "frac_acute_matched", "frac_acute_forward", "frac_acute_matched_vs_forward", "frac_acute_all",
-            "authors_mean_cos", "thales_ratio", "thales_ratio_all", "cells")
+            "authors_mean_cos", "authors_frac_positive", "thales_ratio", "thales_ratio_all", "cells")
     summary = {**describe(loaded), "source": source, "n_examples": n_examples,
                "n_tokens": {stack: s["n_tokens"] for stack, s in stacks.items()},
                **{f"{key}_{stack}": s[key] for key in keys for stack, s in stacks.items()},
@@ -302,6 +303,7 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         "n_tokens": n_tokens,
         **summary_fractions(angles, options.with_embeddings, view.matched_pairs, view.forward_pairs),
         "authors_mean_cos": geometry.authors.mean() if geometry.authors is not None else None,
+        "authors_frac_positive": geometry.authors.frac_positive() if geometry.authors is not None else None,
         "matched_pairs": view.matched_pairs,
         "forward_pairs": view.forward_pairs,
         "n_degenerate": int(angles.n_degenerate.sum()),
@@ -320,6 +322,7 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
             "authors_mean_cos": "the authors' statistic (CosineFromStudent): per token, the mean cosine over student layers "
                                 ">= 1 and teacher pairs 1 <= i < k, then the mean over tokens; its histogram (1000 bins) "
                                 "is authors_cosine_hist.csv",
+            "authors_frac_positive": "the share of those per-token means that are positive (the histogram's bins right of 0)",
         },
     }
     where = f"{view.stack} stack, " if several else ""
@@ -331,6 +334,9 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         plots.save_figure(plots.angle_heatmaps(angles, "mean_angle_deg", f"Mean angle: {name}", embeddings), out / "angles_mean_deg")
         plots.save_figure(plots.cosine_histograms(hist, f"Cosines seen from the student: {name}", with_embeddings=embeddings),
                           out / "angle_hist")
+    if geometry.authors is not None and geometry.authors.mean() is not None:
+        plots.save_figure(plots.token_mean_cosine_histograms(geometry.authors.hist_frame(), f"The authors' statistic: {name}"),
+                          out / "authors_cosine_hist")
     if options.extras:
         anchors = [student_labels[l] for l in geometry.anchors]
         tt, ts, ss = geometry.tt.mean(), geometry.ts.mean(), geometry.ss.mean()
@@ -456,8 +462,11 @@ def compare_runs(paths: list[str], options: AngleOptions, checkpoints: list[str]
                 rows = angles if stack is None else angles[angles["stack"] == stack]
                 # from the cells, not summary.json: older analyses' frac_acute covered every cell
                 fractions = summary_fractions(rows, options.with_embeddings, part.get("matched_pairs"), part.get("forward_pairs"))
+                authors = folder / (stack or "") / "authors_cosine_hist.csv"  # the share from the table: older summaries lack it
                 summaries.append({**ident, **({"stack": stack} if stack else {}), **fractions,
-                                  "authors_mean_cos": part.get("authors_mean_cos"), "n_tokens": part["n_tokens"],
+                                  "authors_mean_cos": part.get("authors_mean_cos"),
+                                  "authors_frac_positive": frac_positive(pd.read_csv(authors)) if authors.is_file() else None,
+                                  "n_tokens": part["n_tokens"],
                                   "dev_accuracy": scores.get("dev_accuracy"), **scores})
     if not frames:
         raise LayergeoError("none of the runs could be analysed")

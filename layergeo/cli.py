@@ -404,8 +404,11 @@ def run_angles(args: argparse.Namespace) -> int:
         for stack, part in per_stack.items():
             acute = ("no angle at the student measured" if part["frac_acute"] is None
                      else f"{part['frac_acute']:.1%} of the angles at the student are acute")
+            authors = ("" if part.get("authors_frac_positive") is None else
+                       f"; the authors' per-token mean cosine is {part['authors_mean_cos']:.2f} on average and positive at "
+                       f"{part['authors_frac_positive']:.1%} of the tokens")
             print(f"{stack + ' stack: ' if stack else ''}{part['n_tokens']} tokens of {summary['n_examples']} examples: "
-                  f"{acute} ({part['cells']})")
+                  f"{acute} ({part['cells']}){authors}")
         print(f"tables and figures in {out}" + (f" ({', '.join(f'{s}/' for s in per_stack)} per stack)" if len(per_stack) > 1 else ""))
         return 0
     out = Path(args.out or "angles-comparison")

@@ -2,8 +2,9 @@
 
 Metric per strategy and init with the seed spread; the angle heatmaps faceted by
 strategy; the fraction of acute angles per strategy, untrained vs trained; the
-histograms of cosines per strategy; the loss terms during training. Angle
-analyses already written by the sweep are reused; missing ones are computed.
+histograms of cosines per strategy, ours and the authors' per-token means; the loss
+terms during training. Angle analyses already written by the sweep are reused;
+missing ones are computed.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def _grid_geometry(root: Path) -> dict:
     return (yaml.safe_load(grid.read_text()) or {}).get("geometry") or {} if grid.is_file() else {}
 
 
-def cosine_histograms_by_strategy(root: Path, tag: str) -> pd.DataFrame:
-    """Every run's cosine histogram with its strategy, init and checkpoint (``tag``: folder name pattern)."""
+def cosine_histograms_by_strategy(root: Path, tag: str, table: str = "angle_hist.csv") -> pd.DataFrame:
+    """Every run's cosine histogram (``table``: angle_hist.csv, or authors_cosine_hist.csv for the authors'
+    per-token means) with its strategy, init and checkpoint (``tag``: folder name pattern)."""
     frames = []
     for run in expand_runs([str(root)]):
         for checkpoint in ("init", "best"):
@@ -41,9 +43,9 @@ def cosine_histograms_by_strategy(root: Path, tag: str) -> pd.DataFrame:
                 continue
             summary = json.loads((folder / "summary.json").read_text())
             # one table for a one-stack run; one per stack folder (with a stack column) otherwise
-            tables = [folder / "angle_hist.csv"] if (folder / "angle_hist.csv").is_file() else sorted(folder.glob("*/angle_hist.csv"))
-            for table in tables:
-                hist = pd.read_csv(table)
+            paths = [folder / table] if (folder / table).is_file() else sorted(folder.glob(f"*/{table}"))
+            for path in paths:
+                hist = pd.read_csv(path)
                 frames.append(hist.assign(strategy=summary["strategy"], init=summary["init"], checkpoint=checkpoint))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -91,6 +93,13 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
         title = f"Cosines seen from the student{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
         stem = f"cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stacked else "")
         plots.save_figure(plots.cosine_histograms(group, title, by="strategy"), out / stem)
+    authors = cosine_histograms_by_strategy(root, tag, "authors_cosine_hist.csv")
+    for key, group in authors.groupby(["stack", "init", "checkpoint"] if "stack" in authors else ["init", "checkpoint"]):
+        stack, init, checkpoint = key if "stack" in authors else (None, *key)
+        where = f" ({stack} stack)" if stack else ""
+        title = f"The authors' statistic{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
+        stem = f"authors_cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stack else "")
+        plots.save_figure(plots.token_mean_cosine_histograms(group, title, by="strategy"), out / stem)
     loss_figures(root, out)
     return out
 

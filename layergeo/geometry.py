@@ -487,6 +487,8 @@ class TokenMeanCosine(_Streaming):
     """
 
     def __init__(self, bins: int = 1000):
+        if bins < 2 or bins % 2:
+            raise LayergeoError(f"the authors' histogram needs an even number of bins (an edge at cos 0), got {bins}")
         self.bins = bins
         super().__init__({"n": (), "n_degenerate": (), "sum_mean_cos": (), "hist": (bins,)})
 
@@ -519,3 +521,16 @@ class TokenMeanCosine(_Streaming):
     def hist_frame(self) -> pd.DataFrame:
         edges = np.linspace(-1, 1, self.bins + 1)
         return pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": self._state["hist"].numpy().astype(np.int64)})
+
+    def frac_positive(self) -> float | None:
+        """The share of tokens whose mean cosine is positive (see :func:`frac_positive`)."""
+        return frac_positive(self.hist_frame())
+
+
+def frac_positive(hist: pd.DataFrame) -> float | None:
+    """Share of the counts of a per-token mean cosine histogram (bin_left, bin_right, count) at cos >= 0.
+
+    The bins right of 0 (an even bin count puts an edge at 0): the share of positive per-token means, a mean
+    of exactly 0 aside. None when nothing was counted."""
+    total = hist["count"].sum()
+    return float(hist.loc[hist["bin_left"] >= 0, "count"].sum() / total) if total else None

@@ -324,21 +324,59 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
     """
     _require(hist, list(dict.fromkeys(["student_layer", by, "bin_left", "bin_right", "count"])), "cosine histograms")
     hist = _headline(hist, with_embeddings, "cosine histograms")
+    fig = _density_lines(hist, by, "acute", "cosine histograms")
+    fig.axes[0].set_xlabel(r"Cosine of the angle between $T_i - S_l$ and $T_k - S_l$")
+    fig.suptitle(_wrapped(f"{title} ({cells_label(hist)})" if title else cells_label(hist), 7.2), fontsize="medium")
+    return fig
+
+
+@_themed
+def token_mean_cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str | None = None,
+                                 bins: int = 100) -> Figure:
+    """The authors' figure: density over tokens of the per-token mean of cos(T_i - S_j, T_k - S_j)
+    (student layers j >= 1, teacher pairs 1 <= i < k), one line per ``by`` level (e.g. strategy) or one.
+
+    Columns: bin_left, bin_right, count (and ``by``), rows of one level and bin summed over runs; the
+    counts are summed into ``bins`` equal bins for drawing when the table's bins nest in them (their 1000
+    bins are noisy at a few thousand tokens). The legend gives each line's share of tokens with a positive mean.
+    """
+    _require(hist, ["bin_left", "bin_right", "count"] + ([by] if by else []), "token mean cosine histograms")
+    hist = hist.assign(**({} if by else {"level": "all"}))
+    by = by or "level"
+    fine = hist["bin_left"].nunique()
+    if fine > bins and fine % bins == 0:  # equal bins on [-1, 1]: every coarse bin holds fine // bins of them
+        edges = np.linspace(-1, 1, bins + 1)
+        coarse = np.clip(np.searchsorted(edges, hist["bin_left"].to_numpy() + 1e-9, side="right") - 1, 0, bins - 1)
+        hist = hist.assign(bin_left=edges[coarse], bin_right=edges[coarse + 1])
+    fig = _density_lines(hist, by, "positive", "token mean cosine histograms", single=by == "level")
+    fig.axes[0].set_xlabel(r"Per-token mean of $\cos(T_i - S_j,\ T_k - S_j)$, $j \geq 1$, $1 \leq i < k$")
+    fig.suptitle(_wrapped(title or "The authors' statistic (CosineFromStudent)", 7.2), fontsize="medium")
+    return fig
+
+
+def _density_lines(hist: pd.DataFrame, by: str, mass_word: str, what: str, single: bool = False) -> Figure:
+    """One density line per ``by`` level of a binned table (bin_left, bin_right, count), the right angle
+    marked; the legend gives each line's mass at cos >= 0 as "<level>: x% <mass_word>". Levels with
+    identical densities are one line, labelled so; ``single``: one unnamed level."""
     counts = hist.groupby([by, "bin_left", "bin_right"], as_index=False)["count"].sum()
     if by == "strategy":
         levels = sort_strategies(counts[by].unique())
         colors = [_colors(levels, STRATEGY_PALETTE)[level] for level in levels]
         names, legend_title, every = {level: strategy_label(level) for level in levels}, "Strategy", "strategies"
-    else:
+    elif by == "student_layer":
         levels = sorted(counts[by].unique())
         colors = sns.color_palette("crest", len(levels))
         names, legend_title, every = {level: f"S{level}" for level in levels}, "Student layer", "student layers"
-    lines = {}  # level -> (bin centres, density, fraction acute)
+    else:
+        levels = sorted(counts[by].unique())
+        colors = sns.color_palette("crest", len(levels)) if len(levels) > 1 else ["0.2"]
+        names, legend_title, every = {level: "All tokens" if single else str(level) for level in levels}, None, "levels"
+    lines = {}  # level -> (bin centres, density, mass at cos >= 0)
     for level in levels:
         bins = counts[counts[by] == level].sort_values("bin_left")
         total = bins["count"].sum()
         if total == 0:
-            raise LayergeoError(f"cosine histograms: {names[level]} has no counts")
+            raise LayergeoError(f"{what}: {names[level]} has no counts")
         density = (bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))).to_numpy()
         lines[level] = ((bins["bin_left"] + bins["bin_right"]).to_numpy() / 2, density,
                         bins.loc[bins["bin_left"] >= 0, "count"].sum() / total)
@@ -347,20 +385,19 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
                               for x, y, _ in lines.values()):
         lines, colors, names = {"all": first}, ["0.2"], {"all": f"All {len(levels)} {every} (identical)"}
     fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
-    for (level, (centres, density, acute)), color in zip(lines.items(), colors):
-        ax.plot(centres, density, color=color, lw=1.6, label=f"{names[level]}: {acute:.1%} acute")
+    for (level, (centres, density, mass)), color in zip(lines.items(), colors):
+        ax.plot(centres, density, color=color, lw=1.6, label=f"{names[level]}: {mass:.1%} {mass_word}")
     ax.axvline(0, ls="--", lw=1, color="0.35", zorder=0)
     ax.annotate(
         "right angle", xy=(0, 1), xycoords=ax.get_xaxis_transform(), xytext=(-3, -4),
         textcoords="offset points", rotation=90, ha="right", va="top", color="0.35", fontsize=8,
     )
     ax.set_xlim(-1, 1)
+    ax.set_xticks(np.linspace(-1, 1, 5))
     ax.set_ylim(bottom=0)
-    ax.set_xlabel(r"Cosine of the angle between $T_i - S_l$ and $T_k - S_l$")
     ax.set_ylabel("Density")
     ax.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     sns.despine(ax=ax)
-    fig.suptitle(_wrapped(f"{title} ({cells_label(hist)})" if title else cells_label(hist), 7.2), fontsize="medium")
     return fig
 
 

@@ -163,6 +163,11 @@ def test_compare_runs_writes_a_tidy_table(runs, tmp_path):
         deep = cells[(cells.student_layer >= 1) & (cells.teacher_i >= 1)]
         assert row.thales_ratio == pytest.approx(np.average(deep.mean_thales_ratio, weights=deep.n_tokens), rel=1e-9)
         assert row.cells == "S1–S2, teacher pairs among T1–T4"
+        folder = runs[run] / "geometry" / f"{checkpoint}-student-dev8"
+        authors = pd.read_csv(folder / "authors_cosine_hist.csv")
+        assert row.authors_frac_positive == pytest.approx(authors.loc[authors.bin_left >= 0, "count"].sum() / authors["count"].sum())
+        assert json.loads((folder / "summary.json").read_text())["authors_frac_positive"] == pytest.approx(row.authors_frac_positive)
+        assert (folder / "authors_cosine_hist.png").is_file()
     assert (out / "angles_by_strategy.png").is_file() and (out / "acute_fraction_by_strategy.pdf").is_file()
 
 
@@ -202,8 +207,13 @@ def test_the_printed_line_and_the_summary_use_the_authors_cells_unless_asked(run
         angles = pd.read_csv(out / "angles.csv")
         acute = _headline(angles, "frac_acute", everything)
         cells = "S0–S2, teacher pairs among T0–T4" if everything else "S1–S2, teacher pairs among T1–T4"
-        assert f"{acute:.1%} of the angles at the student are acute ({cells})" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"{acute:.1%} of the angles at the student are acute ({cells})" in printed
         summary = json.loads((out / "summary.json").read_text())
+        authors = pd.read_csv(out / "authors_cosine_hist.csv")  # the same at either setting: the authors' cells
+        positive = authors.loc[authors.bin_left >= 0, "count"].sum() / authors["count"].sum()
+        assert (f"; the authors' per-token mean cosine is {summary['authors_mean_cos']:.2f} on average and positive at "
+                f"{positive:.1%} of the tokens") in printed
         assert summary["frac_acute"] == pytest.approx(acute, rel=1e-12) and summary["cells"] == cells
         assert summary["frac_acute_all"] == pytest.approx(_headline(angles, "frac_acute", True), rel=1e-12)
         assert summary["options"]["with_embeddings"] is everything and "frac_acute_deep" not in summary

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -497,6 +498,9 @@ def test_the_authors_token_mean_cosine_equals_a_float64_brute_force():
     g = torch.Generator().manual_seed(11)
     teacher, student = torch.randn(40, 5, 6, generator=g), torch.randn(40, 4, 6, generator=g)
     student[3, 2] = teacher[3, 1]  # a zero-length difference: the token has no mean
+    around = 3 * torch.eye(6)[[0, 0, 1, 1]] * torch.tensor([1.0, -1, 1, -1])[:, None]  # T1..T4 = ±3e1, ±3e2 ...
+    teacher[20:30, 1:] = around + 0.1 * torch.randn(10, 4, 6, generator=g)
+    student[20:30, 1:] = 0.1 * torch.randn(10, 3, 6, generator=g)  # ... around the student: mean cosine near -1/3
     acc = TokenMeanCosine(bins=16)
     acc.update(teacher[:13], student[:13])
     acc.update(teacher[13:], student[13:])
@@ -511,9 +515,20 @@ def test_the_authors_token_mean_cosine_equals_a_float64_brute_force():
     assert acc.mean() == pytest.approx(np.mean(means), abs=1e-12)
     assert float(acc.state_tensors()["n_degenerate"]) == 1 and float(acc.state_tensors()["n"]) == 39
     assert (acc.hist_frame()["count"].to_numpy() == np.histogram(means, bins=16, range=(-1, 1))[0]).all()
+    assert 0 < acc.frac_positive() < 1 and acc.frac_positive() == pytest.approx(np.mean(np.array(means) > 0), abs=1e-12)
     # invariant to a common translation and rotation of all states
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     moved = TokenMeanCosine(bins=16)
     shift = torch.randn(6, generator=g, dtype=torch.float64)
     moved.update(teacher.double() @ q + shift, student.double() @ q + shift)
     assert moved.mean() == pytest.approx(acc.mean(), abs=1e-9)
+
+
+def test_the_authors_positive_share_reads_the_bins_right_of_zero_and_needs_an_edge_there():
+    from layergeo.geometry import TokenMeanCosine, frac_positive
+
+    hist = pd.DataFrame({"bin_left": [-1.0, -0.5, 0.0, 0.5], "bin_right": [-0.5, 0.0, 0.5, 1.0], "count": [1, 2, 3, 4]})
+    assert frac_positive(hist) == pytest.approx(0.7)
+    assert frac_positive(hist.assign(count=0)) is None and TokenMeanCosine(bins=8).frac_positive() is None
+    with pytest.raises(LayergeoError, match="even number of bins"):
+        TokenMeanCosine(bins=15)

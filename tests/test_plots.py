@@ -235,6 +235,30 @@ def test_a_long_cosine_histogram_title_is_wrapped_inside_the_figure():
     assert title_inside(fig) and "\n" in fig.get_suptitle()
 
 
+def test_the_authors_histogram_is_rebinned_to_a_density_with_the_positive_share_per_strategy():
+    edges = np.linspace(-1, 1, 1001)
+    rng = np.random.default_rng(3)
+    counts = {"forward": rng.integers(0, 5, 1000), "reverse": np.r_[np.zeros(500, int), rng.integers(0, 5, 500)]}
+    hist = pd.DataFrame([{"strategy": s, "bin_left": lo, "bin_right": hi, "count": c}
+                         for s, per_bin in counts.items() for lo, hi, c in zip(edges[:-1], edges[1:], per_bin)])
+    fig = plots.token_mean_cosine_histograms(pd.concat([hist, hist]), "Trained", by="strategy")  # two runs a strategy
+    (ax,) = fig.axes
+    share = counts["forward"][500:].sum() / counts["forward"].sum()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"Forward: {share:.1%} positive", "Reverse: 100.0% positive"]
+    for line in ax.get_lines():
+        if line.get_linestyle() == "-":
+            assert len(line.get_xdata()) == 100 and np.sum(line.get_ydata() * 0.02) == pytest.approx(1)
+    forward = [line for line in ax.get_lines() if line.get_label().startswith("Forward")][0]
+    assert forward.get_ydata()[0] == pytest.approx(counts["forward"][:10].sum() / counts["forward"].sum() / 0.02)
+    assert fig.get_suptitle() == "Trained" and ax.get_xlim() == (-1, 1)
+    one = plots.token_mean_cosine_histograms(hist[hist.strategy == "reverse"].drop(columns="strategy"), bins=7)  # 1000 % 7: as is
+    (ax,) = one.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["All tokens: 100.0% positive"]
+    assert len(ax.get_lines()[0].get_xdata()) == 1000
+    with pytest.raises(LayergeoError, match="empty"):
+        plots.token_mean_cosine_histograms(hist.iloc[:0])
+
+
 # ---------------------------------------------------------------- generic matrix
 
 
