@@ -5,6 +5,7 @@ seeds with the number of seeds. Paired differences against Forward and against
 None are taken seed by seed (a seed is a block), with paired t-tests, Holm-corrected
 over the comparisons of one table and metric, and intervals consistent with Holm
 (``layergeo.stats``). The spread is max - min of the strategy means, matching strategies only.
+Shuffle runs are also grouped by the permutation each trained (a few fair ones exist).
 The paper's published numbers (shipped in ``resources/paper_results.csv``) are
 written beside ours, in their own table, never mixed into our means. ``provenance.json``
 says how the numbers were made: machines, threads, versions, commits, commands and times.
@@ -186,6 +187,21 @@ def spread(stats: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def by_mapping(results: pd.DataFrame, metrics: list[str], strategy: str = "shuffle") -> pd.DataFrame:
+    """The ``strategy`` runs grouped by the mapping each trained (``pairs``): its seeds and metric means.
+
+    A 3-layer student of a 6-layer teacher has only a few fair shuffles, so seeds can share one; this
+    says which, and whether a permutation rather than the seed goes with the score."""
+    runs = results[results.strategy == strategy]
+    if runs.empty or "pairs" not in runs:
+        return pd.DataFrame()
+    keys = _varying_settings(results) + ["init", "task", "pairs"]
+    grouped = runs.groupby(keys, observed=True)
+    out = grouped["seed"].agg(seeds=lambda s: ", ".join(str(v) for v in sorted(s)), n="count")
+    out = out.join(grouped[[m for m in metrics if m in runs]].mean())
+    return out.reset_index().sort_values(keys).reset_index(drop=True)
+
+
 def paper_table() -> pd.DataFrame:
     """The authors' published numbers in the same layout (their settings, not ours)."""
     path = resources.files("layergeo.resources").joinpath("paper_results.csv")
@@ -268,6 +284,7 @@ def write_tables(results: pd.DataFrame, out: Path, title: str, paper: bool = Fal
         "diff_vs_forward": paired_differences(results, "forward", metrics),
         "diff_vs_none": paired_differences(results, "none", metrics),
         "spread": spread(stats),
+        "shuffle_by_mapping": by_mapping(results, metrics),
     }
     if paper:
         tables["paper_table"] = paper_table()
@@ -283,6 +300,7 @@ def write_tables(results: pd.DataFrame, out: Path, title: str, paper: bool = Fal
         (f"Paired difference to Forward (same seed): {paired}", "diff_vs_forward"),
         (f"Paired difference to None (same seed): {paired}", "diff_vs_none"),
         ("Spread between matching strategies (max - min of means) beside the mean seed std, points", "spread"),
+        ("Shuffle runs by the permutation they trained (pairs), with their seeds and mean metrics", "shuffle_by_mapping"),
     ]
     if paper:
         sections.append(("The paper's published numbers (their setting: BERT-base on GLUE test server etc.; not our runs)", "paper_table"))

@@ -108,6 +108,20 @@ def test_main_table_of_a_partial_sweep_shows_a_dash_where_no_run_finished():
     assert table[table["Layer selection"] == "None"].iloc[0]["Rotten Tomatoes test acc"] == "71.0 ± 1.4 (2)"
 
 
+def test_shuffle_runs_are_grouped_by_the_permutation_they_trained():
+    from layergeo.report import by_mapping
+
+    results = pd.DataFrame({"task": "bbc_news", "init": "copy", "strategy": ["shuffle"] * 4 + ["forward"],
+                            "seed": [0, 1, 2, 3, 0], "pairs": ["S1>T4 S2>T2", "S1>T2 S2>T4", "S1>T4 S2>T2", "S1>T2 S2>T4", "x"],
+                            "test_accuracy": [90.0, 80.0, 94.0, 82.0, 99.0], "student_layers": 2})
+    table = by_mapping(results, ["test_accuracy", "dev_accuracy"]).set_index("pairs")
+    assert list(table.index) == ["S1>T2 S2>T4", "S1>T4 S2>T2"]
+    assert table.loc["S1>T4 S2>T2", "seeds"] == "0, 2" and table.loc["S1>T4 S2>T2", "n"] == 2
+    assert table.loc["S1>T4 S2>T2", "test_accuracy"] == pytest.approx(92.0)
+    assert table.loc["S1>T2 S2>T4", "test_accuracy"] == pytest.approx(81.0) and "dev_accuracy" not in table
+    assert by_mapping(results[results.strategy == "forward"], ["test_accuracy"]).empty
+
+
 def test_shipped_paper_numbers_match_the_reference():
     table = paper_table().set_index(["Paper setting", "Init", "Layer selection"])
     glue = "BERT-base teacher, 3-layer students, GLUE test server"
