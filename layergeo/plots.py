@@ -876,18 +876,22 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
     colors = _colors(strategies, STRATEGY_PALETTE)
     fig, axes = plt.subplots(len(tasks), len(inits), figsize=(4.6 * len(inits) + 2.2, 3.4 * len(tasks) + 0.5),
                              squeeze=False, layout="constrained")
-    offsets = dict(zip(strategies, 1.06 ** (np.arange(len(strategies)) - (len(strategies) - 1) / 2)))  # dodge on a log axis
+    # budgets evenly spaced in their order (a run's own length can sit close to a planned budget: 320 and 371),
+    # strategies dodged around each
+    offsets = dict(zip(strategies, 0.09 * (np.arange(len(strategies)) - (len(strategies) - 1) / 2)))
     for (r, task), (c, init) in itertools.product(enumerate(tasks), enumerate(inits)):
         ax = axes[r, c]
         cell = diffs[(diffs.task == task) & (diffs.init == init)]
         if cell.empty:
             ax.set_axis_off()
             continue
+        budgets = sorted(cell.budget.unique())
+        position = {budget: n for n, budget in enumerate(budgets)}
         for strategy in strategies:
             line = cell[cell.strategy == strategy].sort_values("budget")
             if line.empty:
                 continue
-            x = line.budget.to_numpy(float) * offsets[strategy]
+            x = line.budget.map(position).to_numpy(float) + offsets[strategy]
             ax.plot(x, line.mean_diff, color=colors[strategy], lw=1.2)
             for xi, (_, d) in zip(x, line.iterrows()):
                 bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if np.isfinite(d.ci_low) else None
@@ -895,11 +899,9 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
                 ax.errorbar(xi, d.mean_diff, yerr=bar, fmt="o", ms=5, color=colors[strategy], capsize=2, lw=1,
                             mfc=colors[strategy] if called else "white")
         ax.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
-        ax.set_xscale("log")
-        budgets = sorted(cell.budget.unique())
-        ax.set_xticks(budgets, [str(int(b)) for b in budgets])
-        ax.minorticks_off()
-        ax.set_xlabel("Training step (budget)")
+        ax.set_xticks(range(len(budgets)), [str(int(b)) for b in budgets])
+        ax.set_xlim(-0.5, len(budgets) - 0.5)
+        ax.set_xlabel("Training step (budget; evenly spaced)")
         ax.set_ylabel("Difference to None (points)")
         ax.set_title(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", loc="left")
         sns.despine(ax=ax)
@@ -907,8 +909,8 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
     handles += [Line2D([], [], ls="", marker="o", ms=5, color="0.3", label="interval excludes 0"),
                 Line2D([], [], ls="", marker="o", ms=5, color="0.3", mfc="white", label="not distinguishable")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
-    fig.suptitle(f"{metric.replace('_', ' ').capitalize()}, difference to None (same seed) along training; "
-                 "bars: Holm-corrected paired t intervals per budget", fontsize="medium")
+    fig.suptitle(_wrapped(f"{metric.replace('_', ' ').capitalize()}, difference to None (same seed) along training; "
+                          "bars: Holm-corrected paired t intervals per budget", 4.6 * len(inits) + 2.2), fontsize="medium")
     return fig
 
 

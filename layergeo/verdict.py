@@ -115,9 +115,12 @@ def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, 
     over that budget's comparisons (every task, init and strategy that reached it); a budget column in front."""
     a, b = [], []
     for budget, table in budgets.dropna(subset=[metric]).groupby("budget"):
-        if (table.strategy == "none").any():
+        # a budget only some runs reach (a run's own length) may hold none and no matching strategy of its task and init
+        comparable = table.groupby(GROUP).strategy.agg(lambda s: (s == "none").any() and (s != "none").any())
+        if comparable.any():
             a.append(beats_none(table, metric).assign(budget=int(budget)))
-        b.append(spread_vs_noise(table, metric).assign(budget=int(budget)))
+        if (table.strategy != "none").any():
+            b.append(spread_vs_noise(table, metric).assign(budget=int(budget)))
     if not a:
         raise LayergeoError(f"no budget has a run of strategy 'none' with {metric}; the budget verdict needs them")
     first = lambda frame: frame[["budget"] + [c for c in frame.columns if c != "budget"]]

@@ -118,6 +118,10 @@ def test_claims_by_budget_find_a_planted_gap_only_where_it_is():
     assert sorted(a[a.budget == 320].ci_level) == pytest.approx([0.95, 1 - 0.05 / 2])
     with pytest.raises(LayergeoError, match="none"):
         claims_by_budget(_budget_table({32: 0.0}).query("strategy != 'none'"), "test_accuracy")
+    # a budget only the none runs reached (a partial sweep, or a run length of its own): no claim (a) there
+    lone = _budget_table({32: 0.0, 320: 5.0, 981: 0.0}).query("budget != 981 or strategy == 'none'")
+    a, b = claims_by_budget(lone, "test_accuracy")
+    assert sorted(set(a.budget)) == [32, 320] and sorted(b.budget) == [32, 320]
 
 
 def test_the_data_seed_keeps_one_training_subset_for_every_seed():

@@ -259,6 +259,20 @@ def test_the_authors_histogram_is_rebinned_to_a_density_with_the_positive_share_
         plots.token_mean_cosine_histograms(hist.iloc[:0])
 
 
+def test_budget_differences_space_the_budgets_evenly_and_fill_the_called_ones():
+    rows = [{"budget": b, "task": "bbc_news", "init": "copy", "strategy": s, "mean_diff": d, "ci_low": d - w,
+             "ci_high": d + w, "answer": "better" if d - w > 0 else "not distinguishable"}
+            for b, (d, w) in zip([32, 320, 371], [(1.0, 3.0), (4.0, 1.0), (0.5, 2.0)]) for s in ("forward", "reverse")]
+    fig = plots.budget_differences(pd.DataFrame(rows), "test_accuracy")
+    (ax,) = [a for a in fig.axes if a.get_visible() and a.axison]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "320", "371"] and list(ax.get_xticks()) == [0, 1, 2]
+    forward = [line for line in ax.get_lines() if line.get_marker() == "o" and line.get_color() == plots.STRATEGY_PALETTE["forward"]]
+    filled = [line.get_markerfacecolor() != "white" for line in forward]
+    assert filled == [False, True, False]
+    assert [round(line.get_xdata()[0] + 0.045, 6) for line in forward] == [0, 1, 2]  # dodged left of the tick
+    assert "\n" in fig.get_suptitle()  # wrapped to the figure's width
+
+
 # ---------------------------------------------------------------- generic matrix
 
 
