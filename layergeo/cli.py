@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "among layers >= 1) untrained "
                              "vs trained, and does the trained fraction, or the trained Thales ratio (distance from a "
                              "teacher pair's midpoint over half the pair's distance), predict the metric (Spearman)? "
+                             "Beside them the authors' own statistic (per-token mean cosine, its share of positive "
+                             "tokens), untrained and trained. "
                              "Reads a sweep after `layergeo figures`, or the two saved tables. Writes claim_a/b/c CSVs, "
                              "verdict.md and verdict.png/.pdf; when the runs evaluated test along training "
                              "(train.eval_steps, train.eval_test), also (a) and (b) at each training budget "

@@ -45,6 +45,7 @@ from layergeo.runs import write_text
 from layergeo.stats import ALPHA, MIN_SEEDS, blocked_spread_test
 
 GROUP = ["task", "init"]
+AUTHORS_COLUMNS = ("authors_mean_cos", "authors_frac_positive")  # CosineFromStudent: layergeo.geometry.TokenMeanCosine
 INTRO = ("A seed is a block (runs sharing it share the training subset, data order and draws), so every comparison is "
          "within seeds. A difference is called better or worse only when its Holm-corrected interval excludes 0.\n")
 BUDGET_INTRO = ("At budget B each run's result is its evaluation with the best dev metric among those at steps <= B, read "
@@ -93,6 +94,12 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
         values = values.rename(columns={"init": f"{prefix}_untrained", "best": f"{prefix}_trained"})
         values = values.reindex(columns=[f"{prefix}_untrained", f"{prefix}_trained"])
         table = table.merge(values, left_on="run", right_index=True, how="inner")
+    authors = [column for column in AUTHORS_COLUMNS if column in acute and acute[column].notna().any()]
+    for column in authors:  # the authors' statistic beside ours: described, not correlated
+        values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
+        values = values.rename(columns={"init": f"{column}_untrained", "best": f"{column}_trained"})
+        table = table.merge(values.reindex(columns=[f"{column}_untrained", f"{column}_trained"]),
+                            left_on="run", right_index=True, how="left")
     rows = []
     for (task, init), group in table[table.strategy != "none"].groupby(GROUP):
         row = {"task": task, "init": init}
@@ -102,6 +109,8 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
             rho, p = stats.spearmanr(trained[f"{prefix}_trained"], trained[metric]) if varies else (np.nan, np.nan)
             row |= {f"{prefix}_untrained": group[f"{prefix}_untrained"].mean(), f"{prefix}_trained": group[f"{prefix}_trained"].mean(),
                     f"{prefix}_spearman_rho": float(rho), f"{prefix}_spearman_p": float(p)}
+        for column in authors:
+            row |= {f"{column}_{when}": group[f"{column}_{when}"].mean() for when in ("untrained", "trained")}
         rows.append(row | {"n_students": len(group.dropna(subset=["acute_trained", metric])),
                            "cells": table_cells(acute[acute.run.isin(group.run)])})
     if not rows:
@@ -237,6 +246,12 @@ def _claim_c(g: pd.Series, metric: str) -> str:
     text = f" (c) Acute angles ({g.cells}): {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
     if "ratio_trained" in g:
         text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
+    if "authors_mean_cos_trained" in g and np.isfinite(g.authors_mean_cos_trained):
+        text += (f"; the authors' per-token mean cosine {g.authors_mean_cos_untrained:.2f} untrained, "
+                 f"{g.authors_mean_cos_trained:.2f} trained")
+        if "authors_frac_positive_trained" in g and np.isfinite(g.authors_frac_positive_trained):
+            text += (f", positive at {100 * g.authors_frac_positive_untrained:.1f}% and "
+                     f"{100 * g.authors_frac_positive_trained:.1f}% of tokens")
     text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "
     return text + "; ".join(_rank_correlation(g, prefix, name) for prefix, _, name in plots.VERDICT_GEOMETRY.values()
                             if f"{prefix}_spearman_rho" in g) + "."

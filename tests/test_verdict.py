@@ -123,6 +123,23 @@ def test_an_acute_table_without_the_thales_ratio_still_gives_claim_c():
     assert "acute_spearman_rho" in c and not any(name.startswith("ratio_") for name in c)
 
 
+def test_claim_c_gives_the_authors_statistic_of_the_matching_students_beside_ours(tmp_path):
+    results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    mean_cos, positive = np.linspace(0.2, 0.6, 18), np.linspace(0.9, 1.0, 18)
+    acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
+                          "frac_acute": np.linspace(0.8, 1.0, 18), "authors_mean_cos": mean_cos, "authors_frac_positive": positive})
+    row = acute_vs_metric(results, acute, "test_accuracy").iloc[0]
+    matching = ~acute.run.str.startswith("none")
+    for column, values in (("authors_mean_cos", mean_cos), ("authors_frac_positive", positive)):
+        assert row[f"{column}_untrained"] == pytest.approx(values[(acute.checkpoint == "init") & matching].mean())
+        assert row[f"{column}_trained"] == pytest.approx(values[(acute.checkpoint == "best") & matching].mean())
+    write_verdict(results, acute, tmp_path / "v")
+    assert (f"the authors' per-token mean cosine {row.authors_mean_cos_untrained:.2f} untrained, "
+            f"{row.authors_mean_cos_trained:.2f} trained, positive at {100 * row.authors_frac_positive_untrained:.1f}% and "
+            f"{100 * row.authors_frac_positive_trained:.1f}% of tokens") in (tmp_path / "v" / "verdict.md").read_text()
+    assert "authors_mean_cos_trained" not in acute_vs_metric(results, acute.drop(columns=["authors_mean_cos"]), "test_accuracy")
+
+
 def test_claim_c_names_the_cells_its_acute_table_covers(tmp_path):
     results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
     acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
