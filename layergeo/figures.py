@@ -87,14 +87,16 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
     tag = AngleOptions(**{**options.__dict__, "checkpoint": "CHECKPOINT"}).tag()
     hist = cosine_histograms_by_strategy(root, tag)
     stacked = "stack" in hist
-    for key, group in hist.groupby(["stack", "init", "checkpoint"] if stacked else ["init", "checkpoint"]):
+    groups = [] if hist.empty else hist.groupby(["stack", "init", "checkpoint"] if stacked else ["init", "checkpoint"])
+    for key, group in groups:
         stack, init, checkpoint = key if stacked else (None, *key)
         where = f" ({stack} stack)" if stacked else ""
         title = f"Cosines seen from the student{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
         stem = f"cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stacked else "")
         plots.save_figure(plots.cosine_histograms(group, title, by="strategy"), out / stem)
-    authors = cosine_histograms_by_strategy(root, tag, "authors_cosine_hist.csv")
-    for key, group in authors.groupby(["stack", "init", "checkpoint"] if "stack" in authors else ["init", "checkpoint"]):
+    authors = cosine_histograms_by_strategy(root, tag, "authors_cosine_hist.csv")  # none in analyses before 2026-12-01
+    for key, group in ([] if authors.empty else
+                       authors.groupby(["stack", "init", "checkpoint"] if "stack" in authors else ["init", "checkpoint"])):
         stack, init, checkpoint = key if "stack" in authors else (None, *key)
         where = f" ({stack} stack)" if stack else ""
         title = f"The authors' statistic{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"

@@ -528,9 +528,10 @@ class TokenMeanCosine(_Streaming):
 
 
 def frac_positive(hist: pd.DataFrame) -> float | None:
-    """Share of the counts of a per-token mean cosine histogram (bin_left, bin_right, count) at cos >= 0.
+    """Share of the counts of a per-token mean cosine histogram (bin_left, bin_right, count) right of 0.
 
-    The bins right of 0 (an even bin count puts an edge at 0): the share of positive per-token means, a mean
-    of exactly 0 aside. None when nothing was counted."""
+    The bins whose centre is positive: with an even number of equal bins on [-1, 1] (an edge at 0, up to
+    rounding) the share of positive per-token means, a mean of exactly 0 aside. None when nothing was counted."""
     total = hist["count"].sum()
-    return float(hist.loc[hist["bin_left"] >= 0, "count"].sum() / total) if total else None
+    right = (hist["bin_left"] + hist["bin_right"]) / 2 > 0
+    return float(hist.loc[right, "count"].sum() / total) if total else None

@@ -319,7 +319,7 @@ def cosine_histograms(hist: pd.DataFrame, title: str | None = None, by: str = "s
     Columns: student_layer, ``by`` (student_layer or strategy), bin_left, bin_right, count; rows with
     the same ``by`` level and bin are summed (over teacher pairs, student layers, runs). Student layers
     >= 1 only, every layer ``with_embeddings``; the title says which. The legend gives each line's
-    mass at cos > 0 (bins with bin_left >= 0). Levels with identical densities (every strategy at the
+    mass at cos > 0 (bins whose centre is positive). Levels with identical densities (every strategy at the
     untrained checkpoint: one student) are one line, labelled so.
     """
     _require(hist, list(dict.fromkeys(["student_layer", by, "bin_left", "bin_right", "count"])), "cosine histograms")
@@ -337,10 +337,13 @@ def token_mean_cosine_histograms(hist: pd.DataFrame, title: str | None = None, b
     (student layers j >= 1, teacher pairs 1 <= i < k), one line per ``by`` level (e.g. strategy) or one.
 
     Columns: bin_left, bin_right, count (and ``by``), rows of one level and bin summed over runs; the
-    counts are summed into ``bins`` equal bins for drawing when the table's bins nest in them (their 1000
-    bins are noisy at a few thousand tokens). The legend gives each line's share of tokens with a positive mean.
+    counts are summed into ``bins`` equal bins (even: an edge stays at 0) for drawing when the table's bins
+    nest in them (their 1000 bins are noisy at a few thousand tokens). The legend gives each line's share of
+    tokens with a positive mean, pooled over the tokens of its runs.
     """
     _require(hist, ["bin_left", "bin_right", "count"] + ([by] if by else []), "token mean cosine histograms")
+    if bins < 2 or bins % 2:
+        raise LayergeoError(f"token mean cosine histograms: bins must be even (an edge at 0), got {bins}")
     hist = hist.assign(**({} if by else {"level": "all"}))
     by = by or "level"
     fine = hist["bin_left"].nunique()
@@ -356,7 +359,8 @@ def token_mean_cosine_histograms(hist: pd.DataFrame, title: str | None = None, b
 
 def _density_lines(hist: pd.DataFrame, by: str, mass_word: str, what: str, single: bool = False) -> Figure:
     """One density line per ``by`` level of a binned table (bin_left, bin_right, count), the right angle
-    marked; the legend gives each line's mass at cos >= 0 as "<level>: x% <mass_word>". Levels with
+    marked; the legend gives each line's mass right of 0 (bins whose centre is positive; an even number of
+    equal bins has an edge at 0) as "<level>: x% <mass_word>". Levels with
     identical densities are one line, labelled so; ``single``: one unnamed level."""
     counts = hist.groupby([by, "bin_left", "bin_right"], as_index=False)["count"].sum()
     if by == "strategy":
@@ -379,7 +383,7 @@ def _density_lines(hist: pd.DataFrame, by: str, mass_word: str, what: str, singl
             raise LayergeoError(f"{what}: {names[level]} has no counts")
         density = (bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))).to_numpy()
         lines[level] = ((bins["bin_left"] + bins["bin_right"]).to_numpy() / 2, density,
-                        bins.loc[bins["bin_left"] >= 0, "count"].sum() / total)
+                        bins.loc[(bins["bin_left"] + bins["bin_right"]) / 2 > 0, "count"].sum() / total)
     first = next(iter(lines.values()))
     if len(lines) > 1 and all(np.array_equal(x, first[0]) and np.allclose(y, first[1], rtol=1e-9, atol=0)
                               for x, y, _ in lines.values()):

@@ -193,7 +193,10 @@ def by_mapping(results: pd.DataFrame, metrics: list[str], strategy: str = "shuff
     A 3-layer student of a 6-layer teacher has only a few fair shuffles, so seeds can share one; this
     says which, and whether a permutation rather than the seed goes with the score."""
     runs = results[results.strategy == strategy]
-    if runs.empty or "pairs" not in runs:
+    if "pairs" not in runs:
+        return pd.DataFrame()
+    runs = runs[runs["pairs"].ne("-")]  # no mapping logged: nothing to group by
+    if runs.empty:
         return pd.DataFrame()
     keys = _varying_settings(results) + ["init", "task", "pairs"]
     grouped = runs.groupby(keys, observed=True)

@@ -131,7 +131,8 @@ def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, 
         if (table.strategy != "none").any():
             b.append(spread_vs_noise(table, metric).assign(budget=int(budget)))
     if not a:
-        raise LayergeoError(f"no budget has a run of strategy 'none' with {metric}; the budget verdict needs them")
+        raise LayergeoError(f"no budget has a run of strategy 'none' with {metric} beside a matching strategy of the same "
+                            "task and init; the budget verdict compares them")
     first = lambda frame: frame[["budget"] + [c for c in frame.columns if c != "budget"]]
     return first(pd.concat(a, ignore_index=True)), first(pd.concat(b, ignore_index=True))
 
@@ -246,10 +247,11 @@ def _claim_c(g: pd.Series, metric: str) -> str:
     text = f" (c) Acute angles ({g.cells}): {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
     if "ratio_trained" in g:
         text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
-    if "authors_mean_cos_trained" in g and np.isfinite(g.authors_mean_cos_trained):
+    both = lambda column: all(f"{column}_{when}" in g and np.isfinite(g[f"{column}_{when}"]) for when in ("untrained", "trained"))
+    if both("authors_mean_cos"):
         text += (f"; the authors' per-token mean cosine {g.authors_mean_cos_untrained:.2f} untrained, "
                  f"{g.authors_mean_cos_trained:.2f} trained")
-        if "authors_frac_positive_trained" in g and np.isfinite(g.authors_frac_positive_trained):
+        if both("authors_frac_positive"):
             text += (f", positive at {100 * g.authors_frac_positive_untrained:.1f}% and "
                      f"{100 * g.authors_frac_positive_trained:.1f}% of tokens")
     text += f". Spearman with {metric.replace('_', ' ')} across {g.n_students} students: "

@@ -122,6 +122,12 @@ def test_claims_by_budget_find_a_planted_gap_only_where_it_is():
     lone = _budget_table({32: 0.0, 320: 5.0, 981: 0.0}).query("budget != 981 or strategy == 'none'")
     a, b = claims_by_budget(lone, "test_accuracy")
     assert sorted(set(a.budget)) == [32, 320] and sorted(b.budget) == [32, 320]
+    # none of one task beside the matching strategies of another, at one budget: nothing to compare there either
+    other = _budget_table({32: 0.0}).assign(task=lambda t: np.where(t.strategy == "none", "a", "b"))
+    with pytest.raises(LayergeoError, match="beside a matching strategy of the same task and init"):
+        claims_by_budget(other, "test_accuracy")
+    a, _ = claims_by_budget(pd.concat([other.assign(budget=981), _budget_table({32: 0.0})]), "test_accuracy")
+    assert sorted(set(a.budget)) == [32]
 
 
 def test_the_data_seed_keeps_one_training_subset_for_every_seed():

@@ -529,6 +529,10 @@ def test_the_authors_positive_share_reads_the_bins_right_of_zero_and_needs_an_ed
 
     hist = pd.DataFrame({"bin_left": [-1.0, -0.5, 0.0, 0.5], "bin_right": [-0.5, 0.0, 0.5, 1.0], "count": [1, 2, 3, 4]})
     assert frac_positive(hist) == pytest.approx(0.7)
+    edges = np.linspace(-1, 1, 99)  # 98 bins: the middle edge is -1.1e-16, not 0
+    assert edges[49] < 0
+    symmetric = pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": 1})
+    assert frac_positive(symmetric) == pytest.approx(0.5)
     assert frac_positive(hist.assign(count=0)) is None and TokenMeanCosine(bins=8).frac_positive() is None
     with pytest.raises(LayergeoError, match="even number of bins"):
         TokenMeanCosine(bins=15)

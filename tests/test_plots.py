@@ -251,12 +251,14 @@ def test_the_authors_histogram_is_rebinned_to_a_density_with_the_positive_share_
     forward = [line for line in ax.get_lines() if line.get_label().startswith("Forward")][0]
     assert forward.get_ydata()[0] == pytest.approx(counts["forward"][:10].sum() / counts["forward"].sum() / 0.02)
     assert fig.get_suptitle() == "Trained" and ax.get_xlim() == (-1, 1)
-    one = plots.token_mean_cosine_histograms(hist[hist.strategy == "reverse"].drop(columns="strategy"), bins=7)  # 1000 % 7: as is
+    one = plots.token_mean_cosine_histograms(hist[hist.strategy == "reverse"].drop(columns="strategy"), bins=6)  # 1000 % 6: as is
     (ax,) = one.axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["All tokens: 100.0% positive"]
     assert len(ax.get_lines()[0].get_xdata()) == 1000
     with pytest.raises(LayergeoError, match="empty"):
         plots.token_mean_cosine_histograms(hist.iloc[:0])
+    with pytest.raises(LayergeoError, match="even"):  # 25 bins would put one across 0
+        plots.token_mean_cosine_histograms(hist, by="strategy", bins=25)
 
 
 def test_budget_differences_space_the_budgets_evenly_and_fill_the_called_ones():

@@ -111,11 +111,11 @@ def test_main_table_of_a_partial_sweep_shows_a_dash_where_no_run_finished():
 def test_shuffle_runs_are_grouped_by_the_permutation_they_trained():
     from layergeo.report import by_mapping
 
-    results = pd.DataFrame({"task": "bbc_news", "init": "copy", "strategy": ["shuffle"] * 4 + ["forward"],
-                            "seed": [0, 1, 2, 3, 0], "pairs": ["S1>T4 S2>T2", "S1>T2 S2>T4", "S1>T4 S2>T2", "S1>T2 S2>T4", "x"],
-                            "test_accuracy": [90.0, 80.0, 94.0, 82.0, 99.0], "student_layers": 2})
+    results = pd.DataFrame({"task": "bbc_news", "init": "copy", "strategy": ["shuffle"] * 5 + ["forward"],
+                            "seed": [0, 1, 2, 3, 4, 0], "pairs": ["S1>T4 S2>T2", "S1>T2 S2>T4", "S1>T4 S2>T2", "S1>T2 S2>T4", "-", "x"],
+                            "test_accuracy": [90.0, 80.0, 94.0, 82.0, 50.0, 99.0], "student_layers": 2})
     table = by_mapping(results, ["test_accuracy", "dev_accuracy"]).set_index("pairs")
-    assert list(table.index) == ["S1>T2 S2>T4", "S1>T4 S2>T2"]
+    assert list(table.index) == ["S1>T2 S2>T4", "S1>T4 S2>T2"]  # seed 4 logged no mapping: in no group
     assert table.loc["S1>T4 S2>T2", "seeds"] == "0, 2" and table.loc["S1>T4 S2>T2", "n"] == 2
     assert table.loc["S1>T4 S2>T2", "test_accuracy"] == pytest.approx(92.0)
     assert table.loc["S1>T2 S2>T4", "test_accuracy"] == pytest.approx(81.0) and "dev_accuracy" not in table
@@ -238,6 +238,14 @@ def test_reproduce_runs_the_recipe_then_report_and_figures_and_times_it(tmp_path
     assert (root / "report" / "summary.csv").is_file() and any((root / "figures").glob("*.png"))
     assert (root / "verdict" / "verdict.md").is_file() and (root / "verdict" / "verdict.png").is_file()
     assert set(pd.read_csv(root / "verdict" / "claim_a_beats_none.csv").strategy) == {"forward", "reverse"}
+    init = pd.read_csv(root / "report" / "results_all.csv").init.iloc[0]
+    authors = {p.name for p in (root / "figures").glob("authors_cosine_hist_*.png")}
+    assert authors == {f"authors_cosine_hist_{init}_init.png", f"authors_cosine_hist_{init}_best.png"}
+    for table in root.rglob("authors_cosine_hist.csv"):  # analyses made before the authors' statistic existed
+        table.unlink()
+    assert main(["figures", str(root), "--out", str(tmp_path / "older")]) == 0
+    assert (tmp_path / "older" / "acute_summary.csv").is_file() and not any((tmp_path / "older").glob("authors_*"))
+    assert pd.read_csv(tmp_path / "older" / "acute_summary.csv").authors_frac_positive.isna().all()
     record = json.loads((root / "reproduce.json").read_text())
     assert record["grid"] == "analyses/classification.yaml"
     assert record["start"] < record["end"] and record["wall_time_s"] > 0
