@@ -27,7 +27,7 @@ from layergeo.collect import LoadedRun, StackView, describe, hidden_states, load
 from layergeo.errors import LayergeoError
 from layergeo.progress import progress_bar
 from layergeo.geometry import (AngleAccumulator, LinearCKA, MeanDistance, TokenMeanCosine, TransitionCosine, frac_positive,
-                                update_angles)
+                               update_angles)
 from layergeo.data import read_texts_file
 from layergeo.runs import RunDir, atomic_dir, check_output_path, has_content, write_json, write_text
 from layergeo.processes import resolve_device
@@ -290,11 +290,10 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "angles.csv", angles.to_csv(index=False))
     write_text(out / "angle_hist.csv", hist.to_csv(index=False))
-    if geometry.authors is not None:
-        authors = geometry.authors.hist_frame()
-        if several:
-            authors.insert(0, "stack", view.stack)
-        write_text(out / "authors_cosine_hist.csv", authors.to_csv(index=False))
+    authors = geometry.authors.hist_frame() if geometry.authors is not None else None  # (bins) per-token mean histogram
+    if authors is not None:
+        write_text(out / "authors_cosine_hist.csv", (authors.assign(stack=view.stack)[["stack", *authors.columns]]
+                                                     if several else authors).to_csv(index=False))
     summary = {
         **describe(loaded),
         **({"stack": view.stack} if several else {}),
@@ -303,7 +302,7 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         "n_tokens": n_tokens,
         **summary_fractions(angles, options.with_embeddings, view.matched_pairs, view.forward_pairs),
         "authors_mean_cos": geometry.authors.mean() if geometry.authors is not None else None,
-        "authors_frac_positive": geometry.authors.frac_positive() if geometry.authors is not None else None,
+        "authors_frac_positive": frac_positive(authors) if authors is not None else None,
         "matched_pairs": view.matched_pairs,
         "forward_pairs": view.forward_pairs,
         "n_degenerate": int(angles.n_degenerate.sum()),
@@ -334,9 +333,8 @@ def _write(out: Path, geometry: RunGeometry, options: AngleOptions, n_examples: 
         plots.save_figure(plots.angle_heatmaps(angles, "mean_angle_deg", f"Mean angle: {name}", embeddings), out / "angles_mean_deg")
         plots.save_figure(plots.cosine_histograms(hist, f"Cosines seen from the student: {name}", with_embeddings=embeddings),
                           out / "angle_hist")
-    if geometry.authors is not None and geometry.authors.mean() is not None:
-        plots.save_figure(plots.token_mean_cosine_histograms(geometry.authors.hist_frame(), f"The authors' statistic: {name}"),
-                          out / "authors_cosine_hist")
+    if authors is not None and authors["count"].sum():
+        plots.save_figure(plots.token_mean_cosine_histograms(authors, f"The authors' statistic: {name}"), out / "authors_cosine_hist")
     if options.extras:
         anchors = [student_labels[l] for l in geometry.anchors]
         tt, ts, ss = geometry.tt.mean(), geometry.ts.mean(), geometry.ss.mean()

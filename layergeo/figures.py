@@ -32,22 +32,22 @@ def _grid_geometry(root: Path) -> dict:
     return (yaml.safe_load(grid.read_text()) or {}).get("geometry") or {} if grid.is_file() else {}
 
 
-def cosine_histograms_by_strategy(root: Path, tag: str, table: str = "angle_hist.csv") -> pd.DataFrame:
-    """Every run's cosine histogram (``table``: angle_hist.csv, or authors_cosine_hist.csv for the authors'
-    per-token means) with its strategy, init and checkpoint (``tag``: folder name pattern)."""
-    frames = []
+def histograms_by_strategy(root: Path, tag: str, tables: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+    """Every run's histogram tables (e.g. angle_hist.csv, authors_cosine_hist.csv) with its strategy, init and
+    checkpoint, one frame per table name, empty where no run has it (``tag``: folder name pattern)."""
+    frames: dict[str, list[pd.DataFrame]] = {table: [] for table in tables}
     for run in expand_runs([str(root)]):
         for checkpoint in ("init", "best"):
             folder = run / "geometry" / tag.replace("CHECKPOINT", checkpoint)
             if not (folder / "summary.json").is_file():
                 continue
             summary = json.loads((folder / "summary.json").read_text())
-            # one table for a one-stack run; one per stack folder (with a stack column) otherwise
-            paths = [folder / table] if (folder / table).is_file() else sorted(folder.glob(f"*/{table}"))
-            for path in paths:
-                hist = pd.read_csv(path)
-                frames.append(hist.assign(strategy=summary["strategy"], init=summary["init"], checkpoint=checkpoint))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            ident = {"strategy": summary["strategy"], "init": summary["init"], "checkpoint": checkpoint}
+            for table in tables:
+                # one table for a one-stack run; one per stack folder (with a stack column) otherwise
+                paths = [folder / table] if (folder / table).is_file() else sorted(folder.glob(f"*/{table}"))
+                frames[table] += [pd.read_csv(path).assign(**ident) for path in paths]
+    return {table: pd.concat(found, ignore_index=True) if found else pd.DataFrame() for table, found in frames.items()}
 
 
 def loss_terms(root: Path) -> pd.DataFrame:
@@ -85,25 +85,27 @@ def write_figures(root: str | Path, out: Path | None = None) -> Path:
     options = AngleOptions(max_examples=geometry.get("max_examples"), space=geometry.get("space", "student"))
     compare_runs([str(root)], options, ["init", "best"], out, strict=False)  # a grid may cross budgets: pooled.csv says
     tag = AngleOptions(**{**options.__dict__, "checkpoint": "CHECKPOINT"}).tag()
-    hist = cosine_histograms_by_strategy(root, tag)
-    stacked = "stack" in hist
-    groups = [] if hist.empty else hist.groupby(["stack", "init", "checkpoint"] if stacked else ["init", "checkpoint"])
-    for key, group in groups:
-        stack, init, checkpoint = key if stacked else (None, *key)
-        where = f" ({stack} stack)" if stacked else ""
-        title = f"Cosines seen from the student{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
-        stem = f"cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stacked else "")
-        plots.save_figure(plots.cosine_histograms(group, title, by="strategy"), out / stem)
-    authors = cosine_histograms_by_strategy(root, tag, "authors_cosine_hist.csv")  # none in analyses before 2026-12-01
-    for key, group in ([] if authors.empty else
-                       authors.groupby(["stack", "init", "checkpoint"] if "stack" in authors else ["init", "checkpoint"])):
-        stack, init, checkpoint = key if "stack" in authors else (None, *key)
-        where = f" ({stack} stack)" if stack else ""
-        title = f"The authors' statistic{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
-        stem = f"authors_cosine_hist_{init}_{checkpoint}" + (f"_{stack}" if stack else "")
-        plots.save_figure(plots.token_mean_cosine_histograms(group, title, by="strategy"), out / stem)
+    hists = histograms_by_strategy(root, tag, ("angle_hist.csv", "authors_cosine_hist.csv"))
+    histogram_figures(hists["angle_hist.csv"], "cosine_hist", "Cosines seen from the student", plots.cosine_histograms, out)
+    # the authors' statistic: absent from analyses made before 2026-12-01
+    histogram_figures(hists["authors_cosine_hist.csv"], "authors_cosine_hist", "The authors' statistic",
+                      plots.token_mean_cosine_histograms, out)
     loss_figures(root, out)
     return out
+
+
+def histogram_figures(hist: pd.DataFrame, stem: str, title: str, draw, out: Path) -> None:
+    """One figure per init and checkpoint (and stack) of a histogram table, a line per strategy: ``draw(group,
+    title, by="strategy")`` saved as ``out/<stem>_<init>_<checkpoint>[_<stack>]``; nothing for an empty table."""
+    if hist.empty:
+        return
+    stacked = "stack" in hist
+    for key, group in hist.groupby(["stack", "init", "checkpoint"] if stacked else ["init", "checkpoint"]):
+        stack, init, checkpoint = key if stacked else (None, *key)
+        where = f" ({stack} stack)" if stacked else ""
+        name = f"{title}{where}: {plots.INIT_LABELS.get(init, init)}, {plots.CHECKPOINT_LABELS[checkpoint]}"
+        suffix = f"_{stack}" if stacked else ""
+        plots.save_figure(draw(group, name, by="strategy"), out / f"{stem}_{init}_{checkpoint}{suffix}")
 
 
 def loss_figures(root: Path, out: Path) -> None:

@@ -522,10 +522,6 @@ class TokenMeanCosine(_Streaming):
         edges = np.linspace(-1, 1, self.bins + 1)
         return pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": self._state["hist"].numpy().astype(np.int64)})
 
-    def frac_positive(self) -> float | None:
-        """The share of tokens whose mean cosine is positive (see :func:`frac_positive`)."""
-        return frac_positive(self.hist_frame())
-
 
 def frac_positive(hist: pd.DataFrame) -> float | None:
     """Share of the counts of a per-token mean cosine histogram (bin_left, bin_right, count) right of 0.

@@ -31,6 +31,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from layergeo.cells import cells_label, headline_cells, layer_names, table_cells
 from layergeo.errors import LayergeoError
+from layergeo.geometry import frac_positive
 
 matplotlib.use("Agg")  # headless, before pyplot is imported
 
@@ -344,24 +345,25 @@ def token_mean_cosine_histograms(hist: pd.DataFrame, title: str | None = None, b
     _require(hist, ["bin_left", "bin_right", "count"] + ([by] if by else []), "token mean cosine histograms")
     if bins < 2 or bins % 2:
         raise LayergeoError(f"token mean cosine histograms: bins must be even (an edge at 0), got {bins}")
-    hist = hist.assign(**({} if by else {"level": "all"}))
+    hist = hist.assign(**({} if by else {"level": "All tokens"}))
     by = by or "level"
     fine = hist["bin_left"].nunique()
-    if fine > bins and fine % bins == 0:  # equal bins on [-1, 1]: every coarse bin holds fine // bins of them
+    if fine > bins and fine % bins == 0:  # equal bins on [-1, 1]: each fine bin's centre lies inside one coarse bin
         edges = np.linspace(-1, 1, bins + 1)
-        coarse = np.clip(np.searchsorted(edges, hist["bin_left"].to_numpy() + 1e-9, side="right") - 1, 0, bins - 1)
+        coarse = ((hist["bin_left"] + hist["bin_right"]).to_numpy() / 4 + 0.5) * bins  # centre on [0, bins)
+        coarse = coarse.astype(int)
         hist = hist.assign(bin_left=edges[coarse], bin_right=edges[coarse + 1])
-    fig = _density_lines(hist, by, "positive", "token mean cosine histograms", single=by == "level")
+    fig = _density_lines(hist, by, "positive", "token mean cosine histograms")
     fig.axes[0].set_xlabel(r"Per-token mean of $\cos(T_i - S_j,\ T_k - S_j)$, $j \geq 1$, $1 \leq i < k$")
     fig.suptitle(_wrapped(title or "The authors' statistic (CosineFromStudent)", 7.2), fontsize="medium")
     return fig
 
 
-def _density_lines(hist: pd.DataFrame, by: str, mass_word: str, what: str, single: bool = False) -> Figure:
+def _density_lines(hist: pd.DataFrame, by: str, mass_word: str, what: str) -> Figure:
     """One density line per ``by`` level of a binned table (bin_left, bin_right, count), the right angle
-    marked; the legend gives each line's mass right of 0 (bins whose centre is positive; an even number of
-    equal bins has an edge at 0) as "<level>: x% <mass_word>". Levels with
-    identical densities are one line, labelled so; ``single``: one unnamed level."""
+    marked; the legend gives each line's mass right of 0 (``geometry.frac_positive``) as "<level>: x%
+    <mass_word>". Levels with identical densities are one line, labelled so; other ``by`` columns than
+    strategy and student_layer are labelled by their values."""
     counts = hist.groupby([by, "bin_left", "bin_right"], as_index=False)["count"].sum()
     if by == "strategy":
         levels = sort_strategies(counts[by].unique())
@@ -374,16 +376,15 @@ def _density_lines(hist: pd.DataFrame, by: str, mass_word: str, what: str, singl
     else:
         levels = sorted(counts[by].unique())
         colors = sns.color_palette("crest", len(levels)) if len(levels) > 1 else ["0.2"]
-        names, legend_title, every = {level: "All tokens" if single else str(level) for level in levels}, None, "levels"
-    lines = {}  # level -> (bin centres, density, mass at cos >= 0)
+        names, legend_title, every = {level: str(level) for level in levels}, None, "levels"
+    lines = {}  # level -> (bin centres, density, mass right of 0)
     for level in levels:
         bins = counts[counts[by] == level].sort_values("bin_left")
         total = bins["count"].sum()
         if total == 0:
             raise LayergeoError(f"{what}: {names[level]} has no counts")
         density = (bins["count"] / (total * (bins["bin_right"] - bins["bin_left"]))).to_numpy()
-        lines[level] = ((bins["bin_left"] + bins["bin_right"]).to_numpy() / 2, density,
-                        bins.loc[(bins["bin_left"] + bins["bin_right"]) / 2 > 0, "count"].sum() / total)
+        lines[level] = ((bins["bin_left"] + bins["bin_right"]).to_numpy() / 2, density, frac_positive(bins))
     first = next(iter(lines.values()))
     if len(lines) > 1 and all(np.array_equal(x, first[0]) and np.allclose(y, first[1], rtol=1e-9, atol=0)
                               for x, y, _ in lines.values()):

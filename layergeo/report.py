@@ -178,6 +178,8 @@ def spread(stats: pd.DataFrame) -> pd.DataFrame:
     """Max - min of the strategy means over matching strategies, beside the typical seed std."""
     matching = stats[stats.strategy.astype(str) != "none"]
     keys = [k for k in stats.columns if k in SETTING_KEYS] + ["init", "task", "metric"]
+    if matching.empty:  # a grid (or a budget) of none runs only
+        return pd.DataFrame(columns=[*keys, "spread", "best", "worst", "mean_seed_std", "n_strategies"])
     grouped = matching.groupby(keys, observed=True)
     out = grouped["mean"].agg(lambda m: m.max() - m.min()).rename("spread").to_frame()
     out["best"] = grouped.apply(lambda g: g.loc[g["mean"].idxmax(), "strategy"], include_groups=False)

@@ -58,9 +58,17 @@ CLAIM_B_TESTS = ["n_seeds", "spread_ci_low", "spread_ci_high", "null_spread_mean
 def beats_none(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Claim (a): per task, init and matching strategy, the paired difference to none (same seeds) with its
     paired t-test, Holm correction over the whole table, Holm-consistent interval and answer."""
-    diffs = paired_differences(results, "none", [metric])
+    diffs = _differences_to_none(results, metric)
     if diffs.empty:
         raise LayergeoError("no run of strategy 'none' to compare with; the verdict needs a grid with none")
+    return diffs
+
+
+def _differences_to_none(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Claim (a)'s table, empty where no task and init has none beside a matching strategy."""
+    diffs = paired_differences(results, "none", [metric])
+    if diffs.empty:
+        return diffs
     diffs = diffs[GROUP + ["strategy"] + STAT_COLUMNS].copy()
     diffs["strategy"] = diffs["strategy"].astype(str)
     return diffs.reset_index(drop=True)
@@ -89,17 +97,13 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
     table = results
     measures = {column: prefix for column, (prefix, _, _) in plots.VERDICT_GEOMETRY.items() if column in acute}
-    for column, prefix in measures.items():
+    authors = [column for column in AUTHORS_COLUMNS if column in acute and acute[column].notna().any()]
+    # ours must be there for a run to count; the authors' statistic, beside them, is described, not correlated
+    for column, prefix, how in [(c, p, "inner") for c, p in measures.items()] + [(c, c, "left") for c in authors]:
         values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
         values = values.rename(columns={"init": f"{prefix}_untrained", "best": f"{prefix}_trained"})
         values = values.reindex(columns=[f"{prefix}_untrained", f"{prefix}_trained"])
-        table = table.merge(values, left_on="run", right_index=True, how="inner")
-    authors = [column for column in AUTHORS_COLUMNS if column in acute and acute[column].notna().any()]
-    for column in authors:  # the authors' statistic beside ours: described, not correlated
-        values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
-        values = values.rename(columns={"init": f"{column}_untrained", "best": f"{column}_trained"})
-        table = table.merge(values.reindex(columns=[f"{column}_untrained", f"{column}_trained"]),
-                            left_on="run", right_index=True, how="left")
+        table = table.merge(values, left_on="run", right_index=True, how=how)
     rows = []
     for (task, init), group in table[table.strategy != "none"].groupby(GROUP):
         row = {"task": task, "init": init}
@@ -125,11 +129,9 @@ def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, 
     a, b = [], []
     for budget, table in budgets.dropna(subset=[metric]).groupby("budget"):
         # a budget only some runs reach (a run's own length) may hold none and no matching strategy of its task and init
-        comparable = table.groupby(GROUP).strategy.agg(lambda s: (s == "none").any() and (s != "none").any())
-        if comparable.any():
-            a.append(beats_none(table, metric).assign(budget=int(budget)))
-        if (table.strategy != "none").any():
-            b.append(spread_vs_noise(table, metric).assign(budget=int(budget)))
+        a.append(_differences_to_none(table, metric).assign(budget=int(budget)))
+        b.append(spread_vs_noise(table, metric).assign(budget=int(budget)))
+    a, b = [frame for frame in a if not frame.empty], [frame for frame in b if not frame.empty]
     if not a:
         raise LayergeoError(f"no budget has a run of strategy 'none' with {metric} beside a matching strategy of the same "
                             "task and init; the budget verdict compares them")

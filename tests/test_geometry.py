@@ -515,7 +515,8 @@ def test_the_authors_token_mean_cosine_equals_a_float64_brute_force():
     assert acc.mean() == pytest.approx(np.mean(means), abs=1e-12)
     assert float(acc.state_tensors()["n_degenerate"]) == 1 and float(acc.state_tensors()["n"]) == 39
     assert (acc.hist_frame()["count"].to_numpy() == np.histogram(means, bins=16, range=(-1, 1))[0]).all()
-    assert 0 < acc.frac_positive() < 1 and acc.frac_positive() == pytest.approx(np.mean(np.array(means) > 0), abs=1e-12)
+    share = geometry.frac_positive(acc.hist_frame())
+    assert 0 < share < 1 and share == pytest.approx(np.mean(np.array(means) > 0), abs=1e-12)
     # invariant to a common translation and rotation of all states
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     moved = TokenMeanCosine(bins=16)
@@ -533,6 +534,6 @@ def test_the_authors_positive_share_reads_the_bins_right_of_zero_and_needs_an_ed
     assert edges[49] < 0
     symmetric = pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": 1})
     assert frac_positive(symmetric) == pytest.approx(0.5)
-    assert frac_positive(hist.assign(count=0)) is None and TokenMeanCosine(bins=8).frac_positive() is None
+    assert frac_positive(hist.assign(count=0)) is None and frac_positive(TokenMeanCosine(bins=8).hist_frame()) is None
     with pytest.raises(LayergeoError, match="even number of bins"):
         TokenMeanCosine(bins=15)

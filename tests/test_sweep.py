@@ -108,6 +108,16 @@ def test_main_table_of_a_partial_sweep_shows_a_dash_where_no_run_finished():
     assert table[table["Layer selection"] == "None"].iloc[0]["Rotten Tomatoes test acc"] == "71.0 ± 1.4 (2)"
 
 
+def test_a_table_of_none_runs_only_has_an_empty_spread_and_no_mapping_groups():
+    from layergeo.report import by_mapping, spread, summary_stats
+
+    results = pd.DataFrame({"task": "bbc_news", "init": "copy", "strategy": "none", "seed": [0, 1],
+                            "test_accuracy": [90.0, 91.0], "pairs": "-", "student_layers": 3})
+    table = spread(summary_stats(results, ["test_accuracy"]))
+    assert table.empty and {"spread", "best", "worst", "mean_seed_std"} <= set(table.columns)
+    assert by_mapping(results, ["test_accuracy"]).empty
+
+
 def test_shuffle_runs_are_grouped_by_the_permutation_they_trained():
     from layergeo.report import by_mapping
 
