@@ -795,25 +795,29 @@ def _correlation_text(rho: float, corr: pd.DataFrame, prefix: str, xs: pd.Series
 @_themed
 def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFrame, trained: pd.DataFrame,
                    metric: str) -> Figure:
-    """The three claims, two rows of two panels per (task, init), named above them: (a) difference to None with its (Holm)
-    interval per strategy, (b) the metric per strategy (seeds as dots, mean ± one std) with the spread, its
+    """The three claims, panels in rows of two per (task, init), named above them: (a) difference to None with its
+    (Holm) interval per strategy, (b) the metric per strategy (seeds as dots, mean ± one std) with the spread, its
     within-seed permutation p and Friedman's p; below them (c) the trained fraction of acute angles (and the
-    trained Thales ratio, when given) against the metric, one dot per student. One key below the panels.
+    trained Thales ratio, when given) against the metric, one dot per student, a row per stack where ``trained``
+    has a stack column (an encoder-decoder student is measured in both). One key below the panels.
 
     diffs: task, init, strategy, mean_diff, ci_low, ci_high [, ci_level]; spreads: task, init, spread,
-    p_permutation [, friedman_p]; acute: task, init, acute_spearman_rho, acute_spearman_p [, ratio_..., cells];
-    trained: task, init, strategy, frac_acute [, thales_ratio], <metric> (one row per trained student).
+    p_permutation [, friedman_p]; acute: task, init [, stack], acute_spearman_rho, acute_spearman_p [, ratio_...,
+    cells]; trained: run, task, init [, stack], strategy, frac_acute [, thales_ratio], <metric> (one row per
+    trained student and stack).
     """
     _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
-    _require(trained, ["task", "init", "strategy", "frac_acute", metric], "verdict")
+    _require(trained, ["run", "task", "init", "strategy", "frac_acute", metric], "verdict")
     geometry = [(column, prefix, xlabel) for column, (prefix, xlabel, _) in VERDICT_GEOMETRY.items() if column in trained]
+    stacks = list(trained["stack"].dropna().unique()) if "stack" in trained else [None]
     groups = [key for key, _ in diffs.groupby(["task", "init"])]
     strategies = sort_strategies(trained["strategy"].unique())
     colors = _colors(strategies, STRATEGY_PALETTE)
     label = metric.replace("_", " ").capitalize() + " (%)"
-    fig = plt.figure(figsize=(2 * _strip_width(len(strategies)), 6.6 * len(groups) + 0.8), layout="constrained")
+    fig = plt.figure(figsize=(2 * _strip_width(len(strategies)), 3.3 * (1 + len(stacks)) * len(groups) + 0.8),
+                     layout="constrained")
     for sub, (task, init) in zip(np.atleast_1d(fig.subfigures(len(groups), 1)), groups):
-        (a, b), lower = sub.subplots(2, 2)
+        (a, b), *lowers = sub.subplots(1 + len(stacks), 2)
         sub.suptitle(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", fontweight="bold")
         diff = diffs[(diffs.task == task) & (diffs.init == init)]
         matching = [s for s in strategies if s in set(diff.strategy)]
@@ -831,8 +835,9 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         a.set_ylim(max(low, -105), min(high, 105))
         a.set_title(f"(a) {_interval_text(diff)}" + (", bars cut at ±100" if cut else ""), loc="left")
         sns.despine(ax=a)
-        runs = trained[(trained.task == task) & (trained.init == init)].assign(group="all")
-        _dot_panel(b, runs, metric, strategies, "group", ["all"], {"all": "black"}, spread="std", markers={"all": "s"})
+        runs = trained[(trained.task == task) & (trained.init == init)]
+        students = runs.drop_duplicates("run").assign(group="all")
+        _dot_panel(b, students, metric, strategies, "group", ["all"], {"all": "black"}, spread="std", markers={"all": "s"})
         spread = spreads[(spreads.task == task) & (spreads.init == init)]
         note = ""
         if len(spread):
@@ -842,21 +847,25 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
                 note += f", Friedman p = {first.friedman_p:.2g}"
         b.set_ylabel(label)
         b.set_title(f"(b) {note}", loc="left")
-        corr = acute[(acute.task == task) & (acute.init == init)]
-        for ax, (column, prefix, xlabel) in zip(lower, geometry):
-            for strategy in strategies:
-                points = runs[runs.strategy == strategy]
-                ax.scatter(points[column], points[metric], s=22, color=colors[strategy], label=strategy_label(strategy))
-            if column == "frac_acute":
-                _fraction_axis(ax, runs[column], axis="x")
-            rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
-            ax.set_title(f"(c) {_correlation_text(rho, corr, prefix, runs[runs.strategy != 'none'][column])}\n"
-                         "(None drawn, not counted)", loc="left")
-            ax.set_xlabel(f"{xlabel}\n({corr.cells.iloc[0]})" if "cells" in corr and len(corr) else xlabel)
-            ax.set_ylabel(label)
-            sns.despine(ax=ax)
-        for ax in lower[len(geometry):]:
-            ax.set_axis_off()
+        for stack, lower in zip(stacks, lowers):
+            measured = runs if stack is None else runs[runs["stack"] == stack]
+            corr = acute[(acute.task == task) & (acute.init == init)]
+            corr = corr if stack is None else corr[corr["stack"] == stack]
+            where = "" if stack is None else f", {stack} stack"
+            for ax, (column, prefix, xlabel) in zip(lower, geometry):
+                for strategy in strategies:
+                    points = measured[measured.strategy == strategy]
+                    ax.scatter(points[column], points[metric], s=22, color=colors[strategy], label=strategy_label(strategy))
+                if column == "frac_acute":
+                    _fraction_axis(ax, measured[column], axis="x")
+                rho = corr[f"{prefix}_spearman_rho"].iloc[0] if len(corr) else np.nan
+                ax.set_title(f"(c{where}) {_correlation_text(rho, corr, prefix, measured[measured.strategy != 'none'][column])}\n"
+                             "(None drawn, not counted)", loc="left")
+                ax.set_xlabel(f"{xlabel}\n({corr.cells.iloc[0]})" if "cells" in corr and len(corr) else xlabel)
+                ax.set_ylabel(label)
+                sns.despine(ax=ax)
+            for ax in lower[len(geometry):]:
+                ax.set_axis_off()
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
     handles += [Line2D([], [], ls="", marker="s", ms=6, color="black", label="(b) mean over seeds"),  # not None's grey dot
                 Line2D([], [], ls="", marker="o", ms=3.5, color="black", alpha=0.45, label="(b) one seed"),

@@ -89,18 +89,36 @@ def spread_vs_noise(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Claim (c): per task and init, the mean acute fraction (and Thales ratio, when the table has it)
-    untrained and trained, the Spearman correlation of each trained value with the metric, and the cells
+    """Claim (c): per task and init (and per stack, where the acute-angle table has a stack column: an
+    encoder-decoder student is measured in both), the mean acute fraction (and Thales ratio, when the table has
+    it) untrained and trained, the Spearman correlation of each trained value with the metric, and the cells
     they cover (``cells.table_cells``)."""
     missing = {"run", "checkpoint", "frac_acute"} - set(acute.columns)
     if missing:
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
+    stacked = "stack" in acute and acute["stack"].notna().any()
+    if acute.duplicated(["run", "checkpoint"] + (["stack"] if stacked else [])).any():
+        raise LayergeoError("the acute-angle table has more than one row for a run and checkpoint"
+                            + ("" if stacked else " and no stack column") + "; give figures/acute_summary.csv as "
+                            "`layergeo figures` writes it")
+    rows = []
+    for stack, measured in acute.groupby("stack", sort=False) if stacked else [(None, acute)]:
+        rows += [row | ({"stack": stack} if stacked else {}) for row in _acute_rows(results, measured, metric)]
+    if not rows:
+        raise LayergeoError("no run of the acute-angle table matches a finished matching student; "
+                            "were they made from the same sweep?")
+    table = pd.DataFrame(rows)
+    return table[GROUP + ["stack"] + [c for c in table if c not in GROUP + ["stack"]]] if stacked else table
+
+
+def _acute_rows(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> list[dict]:
+    """Claim (c)'s rows, one per task and init, from an acute-angle table with one row per run and checkpoint."""
     table = results
     measures = {column: prefix for column, (prefix, _, _) in plots.VERDICT_GEOMETRY.items() if column in acute}
     authors = [column for column in AUTHORS_COLUMNS if column in acute and acute[column].notna().any()]
     # ours must be there for a run to count; the authors' statistic, beside them, is described, not correlated
     for column, prefix, how in [(c, p, "inner") for c, p in measures.items()] + [(c, c, "left") for c in authors]:
-        values = acute.pivot_table(index="run", columns="checkpoint", values=column, aggfunc="first")
+        values = acute.pivot(index="run", columns="checkpoint", values=column)
         values = values.rename(columns={"init": f"{prefix}_untrained", "best": f"{prefix}_trained"})
         values = values.reindex(columns=[f"{prefix}_untrained", f"{prefix}_trained"])
         table = table.merge(values, left_on="run", right_index=True, how=how)
@@ -117,10 +135,7 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
             row |= {f"{column}_{when}": group[f"{column}_{when}"].mean() for when in ("untrained", "trained")}
         rows.append(row | {"n_students": len(group.dropna(subset=["acute_trained", metric])),
                            "cells": table_cells(acute[acute.run.isin(group.run)])})
-    if not rows:
-        raise LayergeoError("no run of the acute-angle table matches a finished matching student; "
-                            "were they made from the same sweep?")
-    return pd.DataFrame(rows)
+    return rows
 
 
 def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -246,7 +261,8 @@ def _claim_b(s: pd.Series) -> str:
 
 
 def _claim_c(g: pd.Series, metric: str) -> str:
-    text = f" (c) Acute angles ({g.cells}): {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
+    stack = f", {g['stack']} stack" if isinstance(g.get("stack"), str) else ""
+    text = f" (c) Acute angles{stack} ({g.cells}): {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
     if "ratio_trained" in g:
         text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
     both = lambda column: all(f"{column}_{when}" in g and np.isfinite(g[f"{column}_{when}"]) for when in ("untrained", "trained"))
@@ -275,9 +291,8 @@ def _paragraphs(a: pd.DataFrame, b: pd.DataFrame, metric: str, head: str = "", r
         spreads = b[(b.task == task) & (b.init == init)]
         if not spreads.empty:
             text += _claim_b(spreads.iloc[0])
-        angle = c[(c.task == task) & (c.init == init)] if c is not None else pd.DataFrame()
-        if not angle.empty:
-            text += _claim_c(angle.iloc[0], metric)
+        angles = c[(c.task == task) & (c.init == init)] if c is not None else pd.DataFrame()
+        text += "".join(_claim_c(angle, metric) for _, angle in angles.iterrows())
         lines.append(text)
     return lines
 
@@ -305,7 +320,8 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
               "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds",
               "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds, the mean "
               "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
-              "(c) Fraction of acute angles and Thales ratio at the student over the cells named (cells); Spearman of "
+              "(c) Fraction of acute angles and Thales ratio at the student over the cells named (cells), per stack where "
+              "students have two; Spearman of "
               "each trained value with the metric"]
     text = [f"# Verdict on the paper's three claims ({metric.replace('_', ' ')})\n", INTRO, "\n\n".join(sentences(results, a, b, c, metric)), ""]
     if budgets is not None and not budgets.empty:
@@ -314,7 +330,8 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     for title, table in zip(titles, claims.values()):
         text += [f"## {title}\n", display(table, blank=True).to_markdown(index=False, floatfmt=".3g", missingval="–"), ""]
     write_text(out / "verdict.md", "\n".join(text) + "\n")
-    trained = results.merge(acute[acute.checkpoint == "best"][["run"] + [c for c in plots.VERDICT_GEOMETRY if c in acute]], on="run")
+    measured = ["run"] + [c for c in ["stack", *plots.VERDICT_GEOMETRY] if c in acute]
+    trained = results.merge(acute[acute.checkpoint == "best"][measured], on="run")  # a row per stack where there are two
     plots.save_figure(plots.verdict_panels(a, b, c, trained, metric), out / "verdict")
     return out
 

@@ -542,7 +542,7 @@ def verdict_tables(difference: float):
     spreads = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "spread": 0.0, "p_permutation": 1.0}])
     acute = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "acute_spearman_rho": np.nan, "acute_spearman_p": np.nan,
                            "ratio_spearman_rho": 0.1, "ratio_spearman_p": 0.5, "cells": "S1–S3, teacher pairs among T1–T6"}])
-    trained = pd.DataFrame([{"task": "rotten_tomatoes", "init": "random", "strategy": s, "seed": seed, "frac_acute": 1.0,
+    trained = pd.DataFrame([{"run": f"{s}{seed}", "task": "rotten_tomatoes", "init": "random", "strategy": s, "seed": seed, "frac_acute": 1.0,
                              "thales_ratio": 3.0 + seed, "test_accuracy": 70.0 + seed}
                             for s in ["none", *strategies] for seed in range(3)])
     return diffs, spreads, acute, trained
@@ -570,6 +570,22 @@ def test_verdict_panels_read_at_page_width_and_say_what_their_bars_are():
         "(a) Holm 99.75% t intervals"
     wide = plots.verdict_panels(*verdict_tables(80.0), "test_accuracy").axes[0]  # intervals 0 to 160 points
     assert wide.get_title(loc="left") == "(a) Holm 99.75% t intervals, bars cut at ±100" and wide.get_ylim()[1] == 105
+
+
+def test_verdict_panels_give_each_stack_its_own_claim_c_row_and_count_each_student_once():
+    diffs, spreads, acute, trained = verdict_tables(1.0)
+    stacks = {"encoder": (0.9, 0.2), "decoder": (0.7, -0.3)}
+    acute = pd.concat([acute.assign(stack=stack, ratio_spearman_rho=rho) for stack, (_, rho) in stacks.items()])
+    trained = pd.concat([trained.assign(stack=stack, frac_acute=frac) for stack, (frac, _) in stacks.items()])
+    fig = plots.verdict_panels(diffs, spreads, acute, trained, "test_accuracy")
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles[2:] == ["(c, encoder stack) ρ undefined: every matching student at 0.900\n(None drawn, not counted)",
+                          "(c, encoder stack) ρ = 0.20, p = 0.5 over matching students\n(None drawn, not counted)",
+                          "(c, decoder stack) ρ undefined: every matching student at 0.700\n(None drawn, not counted)",
+                          "(c, decoder stack) ρ = -0.30, p = 0.5 over matching students\n(None drawn, not counted)"]
+    one_stack = plots.verdict_panels(*verdict_tables(1.0), "test_accuracy")
+    seeds = lambda figure: sum(len(c.get_offsets()) for c in figure.axes[1].collections)
+    assert seeds(fig) == seeds(one_stack)  # panel (b): a student measured in two stacks is still one dot
 
 
 # ---------------------------------------------------------------- saving

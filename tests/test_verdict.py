@@ -151,6 +151,26 @@ def test_claim_c_names_the_cells_its_acute_table_covers(tmp_path):
     assert f"(c) Acute angles ({ALL_CELLS}): " in (tmp_path / "old" / "verdict.md").read_text()
 
 
+def test_claim_c_is_made_per_stack_for_encoder_decoder_students(tmp_path):
+    results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    runs, checkpoints = list(results.run) * 2, ["init"] * 9 + ["best"] * 9
+    acute = pd.concat([pd.DataFrame({"run": runs, "checkpoint": checkpoints, "stack": "encoder", "frac_acute": np.linspace(0.9, 1.0, 18)}),
+                       pd.DataFrame({"run": runs, "checkpoint": checkpoints, "stack": "decoder", "frac_acute": np.linspace(0.5, 0.6, 18)})], ignore_index=True)
+    c = acute_vs_metric(results, acute, "test_accuracy").set_index("stack")
+    matching = ~acute.run.str.startswith("none")
+    for stack in ("encoder", "decoder"):
+        one = acute[(acute["stack"] == stack) & matching]
+        assert c.loc[stack, "acute_trained"] == pytest.approx(one[one.checkpoint == "best"].frac_acute.mean())
+        assert c.loc[stack, "acute_untrained"] == pytest.approx(one[one.checkpoint == "init"].frac_acute.mean())
+        assert c.loc[stack, "n_students"] == 6
+    assert c.loc["encoder", "acute_trained"] > 0.9 > 0.6 > c.loc["decoder", "acute_trained"]
+    text = (write_verdict(results, acute, tmp_path / "v") / "verdict.md").read_text()
+    assert f"(c) Acute angles, encoder stack ({ALL_CELLS}): {100 * c.loc['encoder', 'acute_untrained']:.1f}% untrained" in text
+    assert f"(c) Acute angles, decoder stack ({ALL_CELLS}): {100 * c.loc['decoder', 'acute_untrained']:.1f}% untrained" in text
+    with pytest.raises(LayergeoError, match="more than one row for a run and checkpoint and no stack column"):
+        acute_vs_metric(results, acute.drop(columns="stack"), "test_accuracy")
+
+
 def test_verdict_files_and_cli_errors(tmp_path, capsys):
     results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
     acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
