@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "than seed noise (within-seed permutation test of the spread and Friedman's test, seeds as "
                              "blocks; the spread with a seed-bootstrap interval)? (c) how acute are the angles (over the "
                              "cells the acute table names; layergeo figures writes student layers >= 1 and teacher pairs "
-                             "among layers >= 1) untrained "
+                             "among layers >= 1; each stack of an encoder-decoder student on its own) untrained "
                              "vs trained, and does the trained fraction, or the trained Thales ratio (distance from a "
                              "teacher pair's midpoint over half the pair's distance), predict the metric (Spearman)? "
                              "Beside them the authors' own statistic (per-token mean cosine, its share of positive "
