@@ -209,10 +209,13 @@ def _claim_a(diffs: pd.DataFrame, family: int) -> str:
     best, worst = tested.loc[tested.mean_diff.idxmax()], tested.loc[tested.mean_diff.idxmin()]
     if len(tested) > 1 and tested[["mean_diff", "sd_diff"]].round(9).nunique().max() == 1:
         return text + f". Every one of them: {_comparison(best, 'the same difference,')}."
-    text += f". Highest: {_comparison(best)}"
-    if worst.strategy != best.strategy:
-        text += f"; lowest: {_comparison(worst)}"
-    return text + "."
+    # the highest and lowest difference, unless named above among those called
+    extremes = [(name, d) for name, d in (("highest", best), ("lowest", worst)) if d.strategy not in set(called.strategy)]
+    extremes = extremes[:1] if best.strategy == worst.strategy else extremes
+    if not extremes:
+        return text + "."
+    named = "; ".join(f"{name}: {_comparison(d)}" for name, d in extremes)
+    return text + ". " + named[0].upper() + named[1:] + "."
 
 
 def _collapsed(results: pd.DataFrame, task: str, init: str, metric: str) -> str:
@@ -260,11 +263,16 @@ def _claim_b(s: pd.Series) -> str:
     return text
 
 
+def _untrained(value: float, form: str, unit: str = "") -> str:
+    return f"{value:{form}}{unit} untrained" if np.isfinite(value) else "untrained not measured"
+
+
 def _claim_c(g: pd.Series, metric: str) -> str:
     stack = f", {g['stack']} stack" if isinstance(g.get("stack"), str) else ""
-    text = f" (c) Acute angles{stack} ({g.cells}): {100 * g.acute_untrained:.1f}% untrained, {100 * g.acute_trained:.1f}% trained"
+    text = (f" (c) Acute angles{stack} ({g.cells}): {_untrained(100 * g.acute_untrained, '.1f', '%')}, "
+            f"{100 * g.acute_trained:.1f}% trained")
     if "ratio_trained" in g:
-        text += f"; Thales ratio {g.ratio_untrained:.2f} untrained, {g.ratio_trained:.2f} trained"
+        text += f"; Thales ratio {_untrained(g.ratio_untrained, '.2f')}, {g.ratio_trained:.2f} trained"
     both = lambda column: all(f"{column}_{when}" in g and np.isfinite(g[f"{column}_{when}"]) for when in ("untrained", "trained"))
     if both("authors_mean_cos"):
         text += (f"; the authors' per-token mean cosine {g.authors_mean_cos_untrained:.2f} untrained, "

@@ -47,6 +47,22 @@ def test_beats_none_answers_only_when_the_holm_interval_excludes_zero():
         beats_none(results[results.strategy != "none"], "test_accuracy")
 
 
+def test_a_called_difference_is_named_once_and_an_unmeasured_untrained_student_is_said_so(tmp_path):
+    base = [70.0, 72.0, 71.0, 69.0, 70.5]
+    results = _results({"forward": [4, 5, 6, 5, 4], "reverse": [-3, 4, -2, 3, -5], "rail": [1, -1, 2, -2, 0]}, base)
+    acute = pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": np.linspace(0.8, 1.0, len(results))})
+    paragraph = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text().split("**t, weights copied**")[1]
+    claim_a = paragraph.split(" (b) ")[0]
+    assert "better 1, worse 0, not distinguishable 2**: Forward +4.8 points" in claim_a
+    assert claim_a.count("Forward +4.8") == 1 and "Highest" not in claim_a     # forward is the highest, named as called
+    assert "Lowest: Reverse -0.6 points" in claim_a
+    assert "(c) Acute angles (every measured layer, embedding output included): untrained not measured, " in paragraph
+    everything_called = _results({"forward": [4, 5, 6, 5, 4], "reverse": [-3, -4, -2, -3, -5]}, base)
+    acute = acute[acute.run.isin(everything_called.run)]
+    text = (write_verdict(everything_called, acute, tmp_path / "all") / "verdict.md").read_text()
+    assert "Highest" not in text and "Lowest" not in text and text.count("Reverse -3.4 points") == 1
+
+
 def test_the_family_is_the_whole_table_and_report_and_verdict_agree():
     one = _results({"forward": [4, 5, 6, 5, 4], "reverse": [1, -1, 2, -2, 0]}, [70.0, 72.0, 71.0, 69.0, 70.5])
     other = one.assign(task="u", run=one.run + "u")
