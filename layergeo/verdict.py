@@ -154,10 +154,13 @@ def claims_by_budget(budgets: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, 
     return first(pd.concat(a, ignore_index=True)), first(pd.concat(b, ignore_index=True))
 
 
-def budget_sentences(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> list[str]:
-    """Per budget, one line per task and init: claims (a) and (b) at that budget, every number from the tables."""
+def budget_sentences(a: pd.DataFrame, b: pd.DataFrame, metric: str, budgets: pd.DataFrame) -> list[str]:
+    """Per budget, one line per task and init: claims (a) and (b) at that budget and, where ``budgets`` records
+    the predicted classes, the students that predict a single class there; every number from the tables."""
+    counted = split_column(metric, "predicted_classes") in budgets
     return [line for budget, diffs_at in a.groupby("budget")
-            for line in _paragraphs(diffs_at, b[b.budget == budget], metric, head=f"Step {budget}, ")]
+            for line in _paragraphs(diffs_at, b[b.budget == budget], metric, head=f"Step {budget}, ",
+                                    results=budgets[budgets.budget == budget] if counted else None)]
 
 
 def write_budget_verdict(budgets: pd.DataFrame, out: Path, metric: str) -> list[str]:
@@ -166,7 +169,7 @@ def write_budget_verdict(budgets: pd.DataFrame, out: Path, metric: str) -> list[
     write_text(out / "claim_a_by_budget.csv", a.to_csv(index=False))
     write_text(out / "claim_b_by_budget.csv", b.to_csv(index=False))
     plots.save_figure(plots.budget_differences(a, metric), out / "budget_differences")
-    return budget_sentences(a, b, metric)
+    return budget_sentences(a, b, metric, budgets)
 
 
 def _name(task: str, init: str) -> str:

@@ -17,7 +17,7 @@ from layergeo.errors import LayergeoError
 from layergeo.teacher import family_of
 from layergeo.report import collect_results, student_runs
 from layergeo.runs import read_jsonl
-from layergeo.verdict import claims_by_budget, write_verdict
+from layergeo.verdict import budget_sentences, claims_by_budget, write_verdict
 
 
 def _brute_force(steps, dev, test, budget):
@@ -116,6 +116,12 @@ def test_claims_by_budget_find_a_planted_gap_only_where_it_is():
     # Holm runs within each budget's table (2 comparisons; over both budgets' 4 the first level would be 1 - 0.05 / 4):
     # forward, rejected, was tested at 0.05 / 2, reverse after it at 0.05
     assert sorted(a[a.budget == 320].ci_level) == pytest.approx([0.95, 1 - 0.05 / 2])
+    table = _budget_table({32: 0.0, 320: 5.0}).assign(test_predicted_classes=2)
+    table.loc[(table.budget == 32) & (table.strategy == "forward") & (table.seed < 2), "test_predicted_classes"] = 1
+    lines = budget_sentences(*claims_by_budget(table, "test_accuracy"), "test_accuracy", table)
+    assert "**2 of 18 students predict a single class on test**: Forward seed 0, Forward seed 1;" in lines[0]
+    assert lines[0].startswith("**Step 32, ") and " 0 of 18 students predict a single class on test." in lines[1]
+    assert "single class" not in budget_sentences(a, b, "test_accuracy", table.drop(columns="test_predicted_classes"))[0]
     with pytest.raises(LayergeoError, match="none"):
         claims_by_budget(_budget_table({32: 0.0}).query("strategy != 'none'"), "test_accuracy")
     # a budget only the none runs reached (a partial sweep, or a run length of its own): no claim (a) there
