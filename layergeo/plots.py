@@ -770,17 +770,29 @@ VERDICT_GEOMETRY = {"frac_acute": ("acute", "Fraction of acute angles, trained",
                     "thales_ratio": ("ratio", "Thales ratio, trained", "trained Thales ratio")}
 
 
+BAR_LIMIT = 105.0  # differences of points on a 0-100 scale lie within ±100; longer (or unbounded) bars end here
+
+
+def _interval_bar(d: pd.Series) -> list[list[float]] | None:
+    """Error-bar lengths below and above ``d.mean_diff`` for its interval (ci_low, ci_high), each end at most
+    ``BAR_LIMIT`` from 0 (an unbounded interval reaches the edge); None without an interval or a zero-width one."""
+    if not d.ci_high > d.ci_low:  # NaN: False
+        return None
+    return [[d.mean_diff - max(d.ci_low, -BAR_LIMIT)], [min(d.ci_high, BAR_LIMIT) - d.mean_diff]]
+
+
 def _interval_text(diff: pd.DataFrame) -> str:
     """What claim (a)'s bars are: 'Holm 99.75% t intervals', or why there are none."""
-    finite = diff[np.isfinite(diff.ci_low) & np.isfinite(diff.ci_high)]
-    drawn = finite[finite.ci_high > finite.ci_low]
+    drawn = diff[diff.ci_high > diff.ci_low]
     if len(drawn):
         levels = sorted(set(drawn.ci_level.dropna().round(6))) if "ci_level" in drawn else []
-        return (f"Holm {100 * levels[0]:.4g}% t intervals" if len(levels) == 1 else
+        text = (f"Holm {100 * levels[0]:.4g}% t intervals" if len(levels) == 1 else
                 f"Holm {100 * levels[0]:.4g}–{100 * levels[-1]:.4g}% t intervals" if levels else "t intervals")
+        return text + (", unbounded ones (the same difference on every seed) to the edge"
+                       if np.isinf(drawn[["ci_low", "ci_high"]].to_numpy(float)).any() else "")
     if len(diff) and (diff.mean_diff == 0).all():
         return "no interval: every difference 0"
-    return "no interval: every seed gives the same difference" if len(finite) else "no interval (too few seeds)"
+    return "no interval: every seed gives the same difference" if diff.ci_low.notna().any() else "no interval (too few seeds)"
 
 
 def _correlation_text(rho: float, corr: pd.DataFrame, prefix: str, xs: pd.Series) -> str:
@@ -823,8 +835,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         matching = [s for s in strategies if s in set(diff.strategy)]
         for x, strategy in enumerate(matching):
             d = diff[diff.strategy == strategy].iloc[0]
-            bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if d.ci_high > d.ci_low else None  # NaN: False
-            a.errorbar(x, d.mean_diff, yerr=bar, fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
+            a.errorbar(x, d.mean_diff, yerr=_interval_bar(d), fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
         a.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
         a.set_xticks(range(len(matching)))
         a.set_xticklabels([strategy_tick(s) for s in matching])
@@ -908,9 +919,8 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
             x = line.budget.map(position).to_numpy(float) + offsets[strategy]
             ax.plot(x, line.mean_diff, color=colors[strategy], lw=1.2)
             for xi, (_, d) in zip(x, line.iterrows()):
-                bar = [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]] if np.isfinite(d.ci_low) else None
                 called = d.answer in ("better", "worse")
-                ax.errorbar(xi, d.mean_diff, yerr=bar, fmt="o", ms=5, color=colors[strategy], capsize=2, lw=1,
+                ax.errorbar(xi, d.mean_diff, yerr=_interval_bar(d), fmt="o", ms=5, color=colors[strategy], capsize=2, lw=1,
                             mfc=colors[strategy] if called else "white")
         ax.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
         ax.set_xticks(range(len(budgets)), [str(int(b)) for b in budgets])
@@ -919,12 +929,15 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
         ax.set_ylabel("Difference to None (points)")
         ax.set_title(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", loc="left")
         sns.despine(ax=ax)
+    unbounded = ("; an unbounded one (the same difference on every seed, too few seeds for the sign-flip test) runs to "
+                 f"±{BAR_LIMIT:.0f}" if np.isinf(diffs[["ci_low", "ci_high"]].to_numpy(float)).any() else "")
     handles = [Line2D([], [], ls="-", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
     handles += [Line2D([], [], ls="", marker="o", ms=5, color="0.3", label="interval excludes 0"),
                 Line2D([], [], ls="", marker="o", ms=5, color="0.3", mfc="white", label="not distinguishable")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
     fig.suptitle(_wrapped(f"{metric.replace('_', ' ').capitalize()}, difference to None (same seed) along training; "
-                          "bars: Holm-corrected paired t intervals per budget", 4.6 * len(inits) + 2.2), fontsize="medium")
+                          "bars: Holm-corrected paired t intervals per budget" + unbounded, 4.6 * len(inits) + 2.2),
+                 fontsize="medium")
     return fig
 
 

@@ -146,7 +146,8 @@ def paired_differences(results: pd.DataFrame, reference: str, metrics: list[str]
     (``p_holm``) and each interval (``ci_low``, ``ci_high``) is the paired t interval at the level Holm tested
     it at (``ci_level``), so it excludes 0 exactly when ``p_holm`` < alpha; ``bca_low``/``bca_high`` are the BCa
     bootstrap interval at the same level (from 5 seeds on); ``d_z`` = mean / sd of the differences; ``answer``
-    is better / worse / not distinguishable from that interval, or "no call" below 3 seeds (see layergeo.stats).
+    is better / worse / not distinguishable from that interval, or "no call" below 3 seeds; where every seed gives
+    the same difference the exact sign-flip test replaces the t-test (see layergeo.stats).
     """
     keys = _varying_settings(results) + ["init", "task"]
     rows, pairs = [], []
@@ -299,7 +300,8 @@ def write_tables(results: pd.DataFrame, out: Path, title: str, paper: bool = Fal
             _write_table(table, out / name)
     paired = ("mean over seeds, paired t-test, Holm-corrected over this table's comparisons of one metric; interval "
               "= paired t interval at the level Holm tested it at (ci_percent), BCa bootstrap at the same level beside; "
-              "d_z = mean / sd of the differences; no test below 3 seeds; points")
+              "d_z = mean / sd of the differences; no test below 3 seeds; where every seed gives the same difference, the "
+              "exact sign-flip test and its inverted (at 3 seeds unbounded) interval instead; points")
     sections = [
         ("Our runs: mean ± std over seeds (n seeds), in %", "main_table"),
         (f"Paired difference to Forward (same seed): {paired}", "diff_vs_forward"),

@@ -8,7 +8,11 @@ block: every comparison here is within seeds.
   (mean difference / sd of the differences) and, from ``BCA_MIN_SEEDS`` seeds on, a BCa bootstrap
   interval (``scipy.stats.bootstrap``) at the same level as a cross-check. Fewer than ``MIN_SEEDS``
   seeds give no test and no interval (a t interval from 2 seeds has 1 degree of freedom: 12.7 sd wide
-  at 95%), so no call.
+  at 95%), so no call. When every seed gives the same difference the t-test is undefined (sd 0; a discrete
+  metric makes this happen: one dev example more on each of 3 seeds), so that comparison takes the exact
+  sign-flip test instead (``scipy.stats.permutation_test``, one sample: p = 2^(1 - n) for a non-zero
+  difference, 1 for zero) and its interval is that test inverted: the difference alone where 2^(1 - n) is
+  below the level's alpha, unbounded otherwise (3 seeds: p = 0.25, never called).
 - Holm (``statsmodels.stats.multitest.multipletests``): adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
   Its intervals: Holm tests the i-th smallest p at level alpha / (m - i + 1) and stops at the first
   hypothesis it keeps (rank r + 1 after r rejections), keeping that one and all after it at level
@@ -64,8 +68,8 @@ def holm(pvalues, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
 def paired_t(x, y) -> dict:
     """Paired t-test of x - y (same seeds, aligned): n, mean and sd of the differences, d_z, t, two-sided p.
 
-    Fewer than ``MIN_SEEDS`` pairs: p is NaN (no test). Every difference equal: sd 0, so t is undefined;
-    p = 1 when they are all 0 (nothing differs), 0 otherwise (the same gain on every seed).
+    Fewer than ``MIN_SEEDS`` pairs: p is NaN (no test). Every difference equal: sd 0, so t is undefined
+    (inf for a non-zero difference) and p is the exact sign-flip test's (``sign_flip_p``).
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     diff = x - y
@@ -77,18 +81,29 @@ def paired_t(x, y) -> dict:
     if n < MIN_SEEDS:
         return row
     if sd == 0:
-        return row | {"t": math.copysign(math.inf, mean) if mean else math.nan, "p": 0.0 if mean else 1.0}
+        return row | {"t": math.copysign(math.inf, mean) if mean else math.nan, "p": sign_flip_p(diff)}
     test = stats.ttest_rel(x, y)
     return row | {"t": float(test.statistic), "p": float(test.pvalue)}
 
 
+def sign_flip_p(diff) -> float:
+    """Exact two-sided sign-flip test of mean(diff) = 0 over seeds (``scipy.stats.permutation_test`` with one
+    sample: each seed's difference keeps or flips its sign, all 2^n ways)."""
+    diff = np.asarray(diff, dtype=float)
+    return float(stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue)
+
+
 def t_interval(x, y, level: float) -> tuple[float, float]:
-    """The paired t interval of mean(x - y) at ``level`` (``ttest_rel(...).confidence_interval``)."""
+    """The paired t interval of mean(x - y) at ``level`` (``ttest_rel(...).confidence_interval``); when every
+    difference is equal, the exact sign-flip test inverted: every shift but the difference itself moves all of
+    them to one side (p = 2^(1 - n)), so the interval is that difference alone if 2^(1 - n) < 1 - level and
+    unbounded otherwise."""
     diff = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
     if len(diff) < MIN_SEEDS or not np.isfinite(level):
         return math.nan, math.nan
     if diff.std() == 0:
-        return float(diff[0]), float(diff[0])
+        one_sided = sign_flip_p(np.ones(len(diff)))
+        return (float(diff[0]), float(diff[0])) if one_sided < 1 - level else (-math.inf, math.inf)
     ci = stats.ttest_rel(x, y).confidence_interval(confidence_level=level)
     return float(ci.low), float(ci.high)
 
@@ -107,8 +122,9 @@ def bca_interval(diff, level: float, seed: int = RNG_SEED) -> tuple[float, float
 
 
 def answer(low: float, high: float) -> str:
-    """'better' / 'worse' only when the interval excludes 0; 'no call' without an interval."""
-    if not (np.isfinite(low) and np.isfinite(high)):
+    """'better' / 'worse' only when the interval excludes 0; 'no call' without an interval (NaN; an unbounded
+    one is an interval)."""
+    if np.isnan(low) or np.isnan(high):
         return "no call"
     return "better" if low > 0 else "worse" if high < 0 else "not distinguishable"
 

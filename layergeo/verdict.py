@@ -188,8 +188,10 @@ def _p(p: float) -> str:
 def _comparison(d: pd.Series, label: str | None = None) -> str:
     """'Forward +1.1 points (d_z 0.55; p = 0.28, Holm 1; 99.75% interval -5.1 to +7.4)'."""
     d_z = f"{d.d_z:+.2f}" if np.isfinite(d.d_z) else "undefined"
+    interval = (f"interval {d.ci_low:+.1f} to {d.ci_high:+.1f}" if np.isfinite(d.ci_low) else
+                "interval unbounded: the same difference on every seed, exact sign-flip test")
     return (f"{label or plots.strategy_label(d.strategy)} {d.mean_diff:+.1f} points (d_z {d_z}; p = {_p(d.p)}, Holm {_p(d.p_holm)}; "
-            f"{100 * d.ci_level:.4g}% interval {d.ci_low:+.1f} to {d.ci_high:+.1f})")
+            f"{100 * d.ci_level:.4g}% {interval})")
 
 
 def _claim_a(diffs: pd.DataFrame, family: int) -> str:
@@ -328,7 +330,8 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     family = int(a.n_seeds.ge(MIN_SEEDS).sum())
     titles = [f"(a) Paired difference to None (same seed), points: paired t-test Holm-corrected over the {family} comparisons "
               "of this table; interval = paired t interval at the level Holm tested it at (ci_percent), BCa bootstrap at "
-              "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds",
+              "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds; where every "
+              "seed gives the same difference, the exact sign-flip test and its inverted interval (unbounded at 3 seeds)",
               "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds, the mean "
               "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
               "(c) Fraction of acute angles and Thales ratio at the student over the cells named (cells), per stack where "

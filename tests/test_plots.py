@@ -275,6 +275,23 @@ def test_budget_differences_space_the_budgets_evenly_and_fill_the_called_ones():
     assert "\n" in fig.get_suptitle()  # wrapped to the figure's width
 
 
+def test_an_unbounded_interval_is_drawn_to_the_edge_and_said_so():
+    rows = [{"budget": 32, "task": "bbc_news", "init": "random", "strategy": "forward", "mean_diff": 0.5,
+             "ci_low": -np.inf, "ci_high": np.inf, "answer": "not distinguishable"},
+            {"budget": 32, "task": "bbc_news", "init": "random", "strategy": "reverse", "mean_diff": 1.0,
+             "ci_low": -2.0, "ci_high": 4.0, "answer": "not distinguishable"}]
+    fig = plots.budget_differences(pd.DataFrame(rows), "test_accuracy")
+    (ax,) = [a for a in fig.axes if a.get_visible() and a.axison]
+    assert "unbounded" in fig.get_suptitle() and np.isfinite(ax.get_ylim()).all()
+    assert ax.get_ylim()[0] <= -plots.BAR_LIMIT and ax.get_ylim()[1] >= plots.BAR_LIMIT
+    assert "unbounded" not in plots.budget_differences(pd.DataFrame(rows[1:]), "test_accuracy").get_suptitle()
+    diffs, spreads, acute, trained = verdict_tables(1.0)
+    diffs.loc[0, ["ci_low", "ci_high"]] = -np.inf, np.inf
+    a = plots.verdict_panels(diffs, spreads, acute, trained, "test_accuracy").axes[0]
+    assert a.get_title(loc="left") == ("(a) Holm 99.75% t intervals, unbounded ones (the same difference on every seed) "
+                                       "to the edge, bars cut at ±100") and a.get_ylim() == (-105, 105)
+
+
 # ---------------------------------------------------------------- generic matrix
 
 

@@ -82,9 +82,24 @@ def test_fewer_than_three_seeds_give_no_test_no_interval_and_no_call_and_leave_t
 
 def test_identical_arms_and_constant_gains():
     same = stats.compare_family([(np.array([60.0, 61.0, 62.0]),) * 2])[0]
-    assert same["p"] == 1 and (same["ci_low"], same["ci_high"]) == (0, 0) and same["answer"] == "not distinguishable"
-    constant = stats.paired_t(np.array([62.0, 63.0, 64.0]), np.array([60.0, 61.0, 62.0]))
-    assert constant["p"] == 0 and constant["t"] == math.inf
+    assert same["p"] == 1 and (same["ci_low"], same["ci_high"]) == (-math.inf, math.inf) and same["answer"] == "not distinguishable"
+    # the same gain on every seed (a discrete metric: one example more each time): no variance for a t-test, so the
+    # exact sign-flip test, checked against all 2^n flips; 3 seeds can never call it, 7 can
+    for n, called in ((3, False), (7, True)):
+        gain = stats.compare_family([(np.arange(n) + 60.5, np.arange(n) + 60.0)])[0]
+        flips = np.array(list(itertools.product([-0.5, 0.5], repeat=n))).mean(axis=1)
+        assert gain["p"] == pytest.approx(np.mean(np.abs(flips) >= 0.5)) == pytest.approx(2.0 ** (1 - n))
+        assert gain["t"] == math.inf and np.isnan(gain["d_z"])
+        if called:
+            assert (gain["ci_low"], gain["ci_high"], gain["answer"]) == (0.5, 0.5, "better")
+        else:
+            assert (gain["ci_low"], gain["ci_high"], gain["answer"]) == (-math.inf, math.inf, "not distinguishable")
+    # inside a family, Holm still decides: 7 seeds' 2^-6 = 0.016 survives 2 comparisons, not 4
+    lone = (np.arange(7) + 60.5, np.arange(7) + 60.0)
+    noise = [(np.random.default_rng(k).normal(60, 1, 7), np.random.default_rng(k + 9).normal(60, 1, 7)) for k in range(3)]
+    two = stats.compare_family([lone, noise[0]])[0]
+    four = stats.compare_family([lone, *noise])[0]
+    assert (two["answer"], four["answer"]) == ("better", "not distinguishable") and four["ci_low"] == -math.inf
 
 
 @pytest.mark.parametrize("seed", range(3))

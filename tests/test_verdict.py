@@ -63,6 +63,16 @@ def test_a_called_difference_is_named_once_and_an_unmeasured_untrained_student_i
     assert "Highest" not in text and "Lowest" not in text and text.count("Reverse -3.4 points") == 1
 
 
+def test_the_same_gain_on_every_seed_is_tested_by_sign_flips_not_called_certain(tmp_path):
+    results = _results({"forward": [0.5, 0.5, 0.5], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    forward = beats_none(results, "test_accuracy").set_index("strategy").loc["forward"]
+    assert forward.p == pytest.approx(0.25) and forward.answer == "not distinguishable" and forward.ci_low == -np.inf
+    acute = pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": np.linspace(0.8, 1.0, len(results))})
+    text = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text()
+    assert ("Forward +0.5 points (d_z undefined; p = 0.25, Holm 0.5; 97.5% interval unbounded: the same difference on "
+            "every seed, exact sign-flip test)") in text
+
+
 def test_the_family_is_the_whole_table_and_report_and_verdict_agree():
     one = _results({"forward": [4, 5, 6, 5, 4], "reverse": [1, -1, 2, -2, 0]}, [70.0, 72.0, 71.0, 69.0, 70.5])
     other = one.assign(task="u", run=one.run + "u")
