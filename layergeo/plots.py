@@ -770,29 +770,55 @@ VERDICT_GEOMETRY = {"frac_acute": ("acute", "Fraction of acute angles, trained",
                     "thales_ratio": ("ratio", "Thales ratio, trained", "trained Thales ratio")}
 
 
-BAR_LIMIT = 105.0  # differences of points on a 0-100 scale lie within ±100; longer (or unbounded) bars end here
-
-
-def _interval_bar(d: pd.Series) -> list[list[float]] | None:
-    """Error-bar lengths below and above ``d.mean_diff`` for its interval (ci_low, ci_high), each end at most
-    ``BAR_LIMIT`` from 0 (an unbounded interval reaches the edge); None without an interval or a zero-width one."""
-    if not d.ci_high > d.ci_low:  # NaN: False
+def _finite_bar(d: pd.Series) -> list[list[float]] | None:
+    """Error-bar lengths below and above ``d.mean_diff`` for its interval (ci_low, ci_high); None without an
+    interval, for a zero-width one and for an unbounded one (``_unbounded_bars`` draws those)."""
+    if not (np.isfinite(d.ci_low) and np.isfinite(d.ci_high) and d.ci_high > d.ci_low):
         return None
-    return [[d.mean_diff - max(d.ci_low, -BAR_LIMIT)], [min(d.ci_high, BAR_LIMIT) - d.mean_diff]]
+    return [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]]
+
+
+def _unbounded_bars(ax: plt.Axes, bars: list[tuple[float, str]]) -> None:
+    """Unbounded intervals (the same difference on every seed, too few seeds for the sign-flip test to bound
+    it) as dotted lines at x over the whole height the rest of the panel set, which stays as it was."""
+    low, high = ax.get_ylim()
+    for x, color in bars:
+        ax.vlines(x, low, high, colors=color, linestyles=":", lw=1.3, zorder=1)
+    ax.set_ylim(low, high)
+
+
+def _unbounded(diffs: pd.DataFrame) -> pd.Series:
+    """Which rows' intervals are unbounded (ci_low = -inf)."""
+    return np.isneginf(diffs.ci_low.astype(float))
+
+
+def _stacks(frame: pd.DataFrame) -> list[str | None]:
+    """The stacks a table's rows cover, in order of appearance: None for runs of one stack (no stack column, or
+    NaN there)."""
+    if "stack" not in frame:
+        return [None]
+    return list(dict.fromkeys(stack if isinstance(stack, str) else None for stack in frame["stack"]))
+
+
+def _in_stack(frame: pd.DataFrame, stack: str | None) -> pd.DataFrame:
+    if "stack" not in frame:
+        return frame
+    return frame[frame["stack"].isna()] if stack is None else frame[frame["stack"] == stack]
 
 
 def _interval_text(diff: pd.DataFrame) -> str:
     """What claim (a)'s bars are: 'Holm 99.75% t intervals', or why there are none."""
-    drawn = diff[diff.ci_high > diff.ci_low]
+    drawn = diff[diff.ci_high > diff.ci_low]  # unbounded ones too; NaN: False
     if len(drawn):
         levels = sorted(set(drawn.ci_level.dropna().round(6))) if "ci_level" in drawn else []
         text = (f"Holm {100 * levels[0]:.4g}% t intervals" if len(levels) == 1 else
                 f"Holm {100 * levels[0]:.4g}–{100 * levels[-1]:.4g}% t intervals" if levels else "t intervals")
-        return text + (", unbounded ones (the same difference on every seed) to the edge"
-                       if np.isinf(drawn[["ci_low", "ci_high"]].to_numpy(float)).any() else "")
+        return text + (", dotted: unbounded (the same difference on every seed)" if _unbounded(drawn).any() else "")
     if len(diff) and (diff.mean_diff == 0).all():
         return "no interval: every difference 0"
-    return "no interval: every seed gives the same difference" if diff.ci_low.notna().any() else "no interval (too few seeds)"
+    if diff.ci_low.notna().any():
+        return "every seed gives the same difference (exact sign-flip test)"
+    return "no interval (too few seeds)"
 
 
 def _correlation_text(rho: float, corr: pd.DataFrame, prefix: str, xs: pd.Series) -> str:
@@ -821,21 +847,23 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
     _require(diffs, ["task", "init", "strategy", "mean_diff", "ci_low", "ci_high"], "verdict")
     _require(trained, ["run", "task", "init", "strategy", "frac_acute", metric], "verdict")
     geometry = [(column, prefix, xlabel) for column, (prefix, xlabel, _) in VERDICT_GEOMETRY.items() if column in trained]
-    stacks = list(trained["stack"].dropna().unique()) if "stack" in trained else [None]
     groups = [key for key, _ in diffs.groupby(["task", "init"])]
+    stacks = {(task, init): _stacks(trained[(trained.task == task) & (trained.init == init)]) for task, init in groups}
+    rows = 1 + max(len(s) for s in stacks.values())
     strategies = sort_strategies(trained["strategy"].unique())
     colors = _colors(strategies, STRATEGY_PALETTE)
     label = metric.replace("_", " ").capitalize() + " (%)"
-    fig = plt.figure(figsize=(2 * _strip_width(len(strategies)), 3.3 * (1 + len(stacks)) * len(groups) + 0.8),
-                     layout="constrained")
+    fig = plt.figure(figsize=(2 * _strip_width(len(strategies)), 3.3 * rows * len(groups) + 0.8), layout="constrained")
     for sub, (task, init) in zip(np.atleast_1d(fig.subfigures(len(groups), 1)), groups):
-        (a, b), *lowers = sub.subplots(1 + len(stacks), 2)
+        (a, b), *lowers = sub.subplots(rows, 2)
         sub.suptitle(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", fontweight="bold")
         diff = diffs[(diffs.task == task) & (diffs.init == init)]
         matching = [s for s in strategies if s in set(diff.strategy)]
+        unbounded = []
         for x, strategy in enumerate(matching):
             d = diff[diff.strategy == strategy].iloc[0]
-            a.errorbar(x, d.mean_diff, yerr=_interval_bar(d), fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
+            a.errorbar(x, d.mean_diff, yerr=_finite_bar(d), fmt="D", ms=6, color=colors[strategy], capsize=3, lw=1.3)
+            unbounded += [(x, colors[strategy])] if np.isneginf(d.ci_low) else []
         a.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
         a.set_xticks(range(len(matching)))
         a.set_xticklabels([strategy_tick(s) for s in matching])
@@ -844,6 +872,7 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
         low, high = a.get_ylim()
         cut = low < -100 or high > 100  # a 3-seed Holm interval can pass what a difference of % can be
         a.set_ylim(max(low, -105), min(high, 105))
+        _unbounded_bars(a, unbounded)
         a.set_title(f"(a) {_interval_text(diff)}" + (", bars cut at ±100" if cut else ""), loc="left")
         sns.despine(ax=a)
         runs = trained[(trained.task == task) & (trained.init == init)]
@@ -858,10 +887,11 @@ def verdict_panels(diffs: pd.DataFrame, spreads: pd.DataFrame, acute: pd.DataFra
                 note += f", Friedman p = {first.friedman_p:.2g}"
         b.set_ylabel(label)
         b.set_title(f"(b) {note}", loc="left")
-        for stack, lower in zip(stacks, lowers):
-            measured = runs if stack is None else runs[runs["stack"] == stack]
-            corr = acute[(acute.task == task) & (acute.init == init)]
-            corr = corr if stack is None else corr[corr["stack"] == stack]
+        for ax in np.ravel(lowers[len(stacks[task, init]):]):
+            ax.set_axis_off()
+        for stack, lower in zip(stacks[task, init], lowers):
+            measured = _in_stack(runs, stack)
+            corr = _in_stack(acute[(acute.task == task) & (acute.init == init)], stack)
             where = "" if stack is None else f", {stack} stack"
             for ax, (column, prefix, xlabel) in zip(lower, geometry):
                 for strategy in strategies:
@@ -910,7 +940,7 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
         if cell.empty:
             ax.set_axis_off()
             continue
-        budgets = sorted(cell.budget.unique())
+        budgets, unbounded = sorted(cell.budget.unique()), []
         position = {budget: n for n, budget in enumerate(budgets)}
         for strategy in strategies:
             line = cell[cell.strategy == strategy].sort_values("budget")
@@ -920,23 +950,24 @@ def budget_differences(diffs: pd.DataFrame, metric: str) -> Figure:
             ax.plot(x, line.mean_diff, color=colors[strategy], lw=1.2)
             for xi, (_, d) in zip(x, line.iterrows()):
                 called = d.answer in ("better", "worse")
-                ax.errorbar(xi, d.mean_diff, yerr=_interval_bar(d), fmt="o", ms=5, color=colors[strategy], capsize=2, lw=1,
+                unbounded += [(xi, colors[strategy])] if np.isneginf(d.ci_low) else []
+                ax.errorbar(xi, d.mean_diff, yerr=_finite_bar(d), fmt="o", ms=5, color=colors[strategy], capsize=2, lw=1,
                             mfc=colors[strategy] if called else "white")
         ax.axhline(0, ls="--", lw=1, color="0.5", zorder=0)
+        _unbounded_bars(ax, unbounded)
         ax.set_xticks(range(len(budgets)), [str(int(b)) for b in budgets])
         ax.set_xlim(-0.5, len(budgets) - 0.5)
         ax.set_xlabel("Training step (budget; evenly spaced)")
         ax.set_ylabel("Difference to None (points)")
         ax.set_title(f"{task_label(task)}, {INIT_LABELS.get(init, init).lower()}", loc="left")
         sns.despine(ax=ax)
-    unbounded = ("; an unbounded one (the same difference on every seed, too few seeds for the sign-flip test) runs to "
-                 f"±{BAR_LIMIT:.0f}" if np.isinf(diffs[["ci_low", "ci_high"]].to_numpy(float)).any() else "")
+    dotted = "; dotted: unbounded (the same difference on every seed)" if _unbounded(diffs).any() else ""
     handles = [Line2D([], [], ls="-", marker="o", ms=5, color=colors[s], label=strategy_label(s)) for s in strategies]
     handles += [Line2D([], [], ls="", marker="o", ms=5, color="0.3", label="interval excludes 0"),
                 Line2D([], [], ls="", marker="o", ms=5, color="0.3", mfc="white", label="not distinguishable")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
     fig.suptitle(_wrapped(f"{metric.replace('_', ' ').capitalize()}, difference to None (same seed) along training; "
-                          "bars: Holm-corrected paired t intervals per budget" + unbounded, 4.6 * len(inits) + 2.2),
+                          "bars: Holm-corrected paired t intervals per budget" + dotted, 4.6 * len(inits) + 2.2),
                  fontsize="medium")
     return fig
 

@@ -301,7 +301,7 @@ def write_tables(results: pd.DataFrame, out: Path, title: str, paper: bool = Fal
     paired = ("mean over seeds, paired t-test, Holm-corrected over this table's comparisons of one metric; interval "
               "= paired t interval at the level Holm tested it at (ci_percent), BCa bootstrap at the same level beside; "
               "d_z = mean / sd of the differences; no test below 3 seeds; where every seed gives the same difference, the "
-              "exact sign-flip test and its inverted (at 3 seeds unbounded) interval instead; points")
+              "exact sign-flip test and its inverted interval instead (unbounded up to 5 seeds: -inf to inf); points")
     sections = [
         ("Our runs: mean ± std over seeds (n seeds), in %", "main_table"),
         (f"Paired difference to Forward (same seed): {paired}", "diff_vs_forward"),

@@ -12,7 +12,7 @@ block: every comparison here is within seeds.
   metric makes this happen: one dev example more on each of 3 seeds), so that comparison takes the exact
   sign-flip test instead (``scipy.stats.permutation_test``, one sample: p = 2^(1 - n) for a non-zero
   difference, 1 for zero) and its interval is that test inverted: the difference alone where 2^(1 - n) is
-  below the level's alpha, unbounded otherwise (3 seeds: p = 0.25, never called).
+  below the level's alpha, unbounded otherwise (up to 5 seeds at the 5% level: 3 seeds give p = 0.25).
 - Holm (``statsmodels.stats.multitest.multipletests``): adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
   Its intervals: Holm tests the i-th smallest p at level alpha / (m - i + 1) and stops at the first
   hypothesis it keeps (rank r + 1 after r rejections), keeping that one and all after it at level
@@ -68,22 +68,29 @@ def holm(pvalues, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
 def paired_t(x, y) -> dict:
     """Paired t-test of x - y (same seeds, aligned): n, mean and sd of the differences, d_z, t, two-sided p.
 
-    Fewer than ``MIN_SEEDS`` pairs: p is NaN (no test). Every difference equal: sd 0, so t is undefined
-    (inf for a non-zero difference) and p is the exact sign-flip test's (``sign_flip_p``).
+    Fewer than ``MIN_SEEDS`` pairs: p is NaN (no test). Every difference equal (``same_difference``): sd 0, so
+    d_z and t are undefined (NaN) and p is the exact sign-flip test's (``sign_flip_p``).
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     diff = x - y
     n = len(diff)
     mean = float(diff.mean()) if n else math.nan
-    sd = float(diff.std(ddof=1)) if n > 1 else math.nan
+    sd = 0.0 if same_difference(diff) else float(diff.std(ddof=1)) if n > 1 else math.nan
     row = {"n_seeds": n, "mean_diff": mean, "sd_diff": sd, "d_z": mean / sd if sd > 0 else math.nan,
            "t": math.nan, "p": math.nan}
     if n < MIN_SEEDS:
         return row
     if sd == 0:
-        return row | {"t": math.copysign(math.inf, mean) if mean else math.nan, "p": sign_flip_p(diff)}
+        return row | {"p": sign_flip_p(diff)}
     test = stats.ttest_rel(x, y)
     return row | {"t": float(test.statistic), "p": float(test.pvalue)}
+
+
+def same_difference(diff) -> bool:
+    """Every seed gives the same difference, up to float rounding (a metric stored as 100 * correct / n makes
+    'one example more on every seed' differ in the 15th digit); False below 2 seeds."""
+    diff = np.asarray(diff, dtype=float)
+    return len(diff) > 1 and bool(np.ptp(diff) <= 1e-9 * max(1.0, float(np.abs(diff).max())))
 
 
 def sign_flip_p(diff) -> float:
@@ -95,15 +102,16 @@ def sign_flip_p(diff) -> float:
 
 def t_interval(x, y, level: float) -> tuple[float, float]:
     """The paired t interval of mean(x - y) at ``level`` (``ttest_rel(...).confidence_interval``); when every
-    difference is equal, the exact sign-flip test inverted: every shift but the difference itself moves all of
-    them to one side (p = 2^(1 - n)), so the interval is that difference alone if 2^(1 - n) < 1 - level and
-    unbounded otherwise."""
+    difference is equal, the exact sign-flip test inverted: every shift but the difference itself leaves all of
+    them on one side (two-sided p = 2^(1 - n)), so the interval is that difference alone if 2^(1 - n) < 1 - level
+    and unbounded otherwise (always up to 5 seeds at Holm's levels, which are at most 0.05)."""
     diff = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
     if len(diff) < MIN_SEEDS or not np.isfinite(level):
         return math.nan, math.nan
-    if diff.std() == 0:
-        one_sided = sign_flip_p(np.ones(len(diff)))
-        return (float(diff[0]), float(diff[0])) if one_sided < 1 - level else (-math.inf, math.inf)
+    if same_difference(diff):
+        p_any_other_shift = sign_flip_p(np.ones(len(diff)))
+        mean = float(diff.mean())
+        return (mean, mean) if p_any_other_shift < 1 - level else (-math.inf, math.inf)
     ci = stats.ttest_rel(x, y).confidence_interval(confidence_level=level)
     return float(ci.low), float(ci.high)
 
@@ -112,7 +120,7 @@ def bca_interval(diff, level: float, seed: int = RNG_SEED) -> tuple[float, float
     """BCa bootstrap interval of the mean of ``diff`` over seeds at ``level``; NaN below ``BCA_MIN_SEEDS``
     seeds or when every difference is equal (scipy's BCa is then undefined)."""
     diff = np.asarray(diff, dtype=float)
-    if len(diff) < BCA_MIN_SEEDS or not np.isfinite(level) or np.ptp(diff) == 0:
+    if len(diff) < BCA_MIN_SEEDS or not np.isfinite(level) or same_difference(diff):
         return math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,7 +142,8 @@ def compare_family(pairs: list[tuple[np.ndarray, np.ndarray]], alpha: float = AL
 
     ``pairs``: (strategy values, reference values) per comparison, aligned by seed. One dict per pair:
     n_seeds, mean_diff, sd_diff, d_z, t, p, p_holm, ci_level, ci_low, ci_high (Holm-consistent paired t
-    interval), bca_low, bca_high (BCa at the same level), answer.
+    interval, or the inverted sign-flip one where every seed gives the same difference), bca_low, bca_high
+    (BCa at the same level), answer.
     """
     rows = [paired_t(x, y) for x, y in pairs]
     adjusted, levels = holm([row["p"] for row in rows], alpha)

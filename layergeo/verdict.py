@@ -7,7 +7,8 @@ so every comparison below is made within seeds (``layergeo.stats``, where scipy 
     to ``none`` (same seed), paired t-test, Holm-corrected over all comparisons of the table (every
     task, init and strategy of the metric), with the number of seeds and Cohen's d_z beside; the
     interval is the paired t interval at the level Holm tested it at, with a BCa bootstrap at the same
-    level as a cross-check. "better" or "worse" only when that interval excludes 0; below 3 seeds there
+    level as a cross-check (where every seed gives the same difference, the exact sign-flip test and its
+    inverted interval instead). "better" or "worse" only when that interval excludes 0; below 3 seeds there
     is no interval and no call.
 (b) Do the matching strategies differ more than seed noise? Spread = max - min of the strategy means,
     with a BCa bootstrap interval over seeds (whole seeds resampled) and the mean spread that relabelling
@@ -19,11 +20,12 @@ so every comparison below is made within seeds (``layergeo.stats``, where scipy 
     same for the Thales ratio (the student's distance from two teacher states in units of half
     their distance), which still ranks students when every angle is acute. Both over the cells the
     acute table names (``layergeo.cells``; ``layergeo figures`` writes the authors': student layers
-    >= 1, teacher pairs among layers >= 1).
+    >= 1, teacher pairs among layers >= 1), for each stack of an encoder-decoder student on its own.
 
 Inputs are two tidy tables: the runs (``report/results_all.csv``: run, task, init, strategy,
 seed, metrics in %) and the acute-angle summary (``figures/acute_summary.csv``: run,
-checkpoint, frac_acute [, thales_ratio, cells], one row per run and checkpoint).
+checkpoint [, stack], frac_acute [, thales_ratio, cells], one row per run, checkpoint and stack; no stack
+for a run of one stack).
 """
 
 from __future__ import annotations
@@ -96,13 +98,13 @@ def acute_vs_metric(results: pd.DataFrame, acute: pd.DataFrame, metric: str) -> 
     missing = {"run", "checkpoint", "frac_acute"} - set(acute.columns)
     if missing:
         raise LayergeoError(f"the acute-angle table lacks {', '.join(sorted(missing))}; give figures/acute_summary.csv")
-    stacked = "stack" in acute and acute["stack"].notna().any()
+    stacked = "stack" in acute  # a run of one stack has no stack (NaN) beside encoder-decoder runs
     if acute.duplicated(["run", "checkpoint"] + (["stack"] if stacked else [])).any():
         raise LayergeoError("the acute-angle table has more than one row for a run and checkpoint"
-                            + ("" if stacked else " and no stack column") + "; give figures/acute_summary.csv as "
-                            "`layergeo figures` writes it")
+                            + (" and stack" if stacked else " and no stack column") + "; give figures/acute_summary.csv "
+                            "as `layergeo figures` writes it")
     rows = []
-    for stack, measured in acute.groupby("stack", sort=False) if stacked else [(None, acute)]:
+    for stack, measured in acute.groupby("stack", sort=False, dropna=False) if stacked else [(None, acute)]:
         rows += [row | ({"stack": stack} if stacked else {}) for row in _acute_rows(results, measured, metric)]
     if not rows:
         raise LayergeoError("no run of the acute-angle table matches a finished matching student; "
@@ -158,6 +160,7 @@ def budget_sentences(a: pd.DataFrame, b: pd.DataFrame, metric: str, budgets: pd.
     """Per budget, one line per task and init: claims (a) and (b) at that budget and, where ``budgets`` records
     the predicted classes, the students that predict a single class there; every number from the tables."""
     counted = split_column(metric, "predicted_classes") in budgets
+    budgets = budgets.dropna(subset=[metric])
     return [line for budget, diffs_at in a.groupby("budget")
             for line in _paragraphs(diffs_at, b[b.budget == budget], metric, head=f"Step {budget}, ",
                                     results=budgets[budgets.budget == budget] if counted else None)]
@@ -186,10 +189,12 @@ def _p(p: float) -> str:
 
 
 def _comparison(d: pd.Series, label: str | None = None) -> str:
-    """'Forward +1.1 points (d_z 0.55; p = 0.28, Holm 1; 99.75% interval -5.1 to +7.4)'."""
+    """'Forward +1.1 points (d_z 0.55; p = 0.28, Holm 1; 99.75% interval -5.1 to +7.4)', the test named where it is
+    the sign-flip one."""
     d_z = f"{d.d_z:+.2f}" if np.isfinite(d.d_z) else "undefined"
-    interval = (f"interval {d.ci_low:+.1f} to {d.ci_high:+.1f}" if np.isfinite(d.ci_low) else
-                "interval unbounded: the same difference on every seed, exact sign-flip test")
+    interval = f"interval {d.ci_low:+.1f} to {d.ci_high:+.1f}" if np.isfinite(d.ci_low) else "interval unbounded"
+    if d.sd_diff == 0:
+        interval += ": the same difference on every seed, exact sign-flip test"
     return (f"{label or plots.strategy_label(d.strategy)} {d.mean_diff:+.1f} points (d_z {d_z}; p = {_p(d.p)}, Holm {_p(d.p_holm)}; "
             f"{100 * d.ci_level:.4g}% {interval})")
 
@@ -207,13 +212,13 @@ def _claim_a(diffs: pd.DataFrame, family: int) -> str:
             f"not distinguishable {counts.get('not distinguishable', 0)}**")
     if counts.get("no call", 0):
         text += f", no call {counts['no call']} (fewer than {MIN_SEEDS} seeds)"
-    called = diffs[diffs.answer.isin(["better", "worse"])]
-    if len(called):
-        text += ": " + "; ".join(_comparison(d) for _, d in called.iterrows())
     tested = diffs[diffs.n_seeds >= MIN_SEEDS]
     best, worst = tested.loc[tested.mean_diff.idxmax()], tested.loc[tested.mean_diff.idxmin()]
     if len(tested) > 1 and tested[["mean_diff", "sd_diff"]].round(9).nunique().max() == 1:
         return text + f". Every one of them: {_comparison(best, 'the same difference,')}."
+    called = diffs[diffs.answer.isin(["better", "worse"])]
+    if len(called):
+        text += ": " + "; ".join(_comparison(d) for _, d in called.iterrows())
     # the highest and lowest difference, unless named above among those called
     extremes = [(name, d) for name, d in (("highest", best), ("lowest", worst)) if d.strategy not in set(called.strategy)]
     extremes = extremes[:1] if best.strategy == worst.strategy else extremes
@@ -331,7 +336,8 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
     titles = [f"(a) Paired difference to None (same seed), points: paired t-test Holm-corrected over the {family} comparisons "
               "of this table; interval = paired t interval at the level Holm tested it at (ci_percent), BCa bootstrap at "
               "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds; where every "
-              "seed gives the same difference, the exact sign-flip test and its inverted interval (unbounded at 3 seeds)",
+              "seed gives the same difference, the exact sign-flip test and its inverted interval (unbounded up to 5 seeds: "
+              "-inf to inf)",
               "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds, the mean "
               "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
               "(c) Fraction of acute angles and Thales ratio at the student over the cells named (cells), per stack where "

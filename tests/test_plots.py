@@ -275,21 +275,41 @@ def test_budget_differences_space_the_budgets_evenly_and_fill_the_called_ones():
     assert "\n" in fig.get_suptitle()  # wrapped to the figure's width
 
 
-def test_an_unbounded_interval_is_drawn_to_the_edge_and_said_so():
+def test_an_unbounded_interval_is_a_dotted_line_over_the_panel_and_said_so():
     rows = [{"budget": 32, "task": "bbc_news", "init": "random", "strategy": "forward", "mean_diff": 0.5,
              "ci_low": -np.inf, "ci_high": np.inf, "answer": "not distinguishable"},
             {"budget": 32, "task": "bbc_news", "init": "random", "strategy": "reverse", "mean_diff": 1.0,
              "ci_low": -2.0, "ci_high": 4.0, "answer": "not distinguishable"}]
+
+    def dotted_spans(ax):
+        return [segment[:, 1].tolist() for c in ax.collections if c.get_linestyle()[0][1] is not None
+                for segment in c.get_segments()]
+
     fig = plots.budget_differences(pd.DataFrame(rows), "test_accuracy")
     (ax,) = [a for a in fig.axes if a.get_visible() and a.axison]
-    assert "unbounded" in fig.get_suptitle() and np.isfinite(ax.get_ylim()).all()
-    assert ax.get_ylim()[0] <= -plots.BAR_LIMIT and ax.get_ylim()[1] >= plots.BAR_LIMIT
-    assert "unbounded" not in plots.budget_differences(pd.DataFrame(rows[1:]), "test_accuracy").get_suptitle()
+    low, high = ax.get_ylim()
+    assert "dotted: unbounded (the same difference on every seed)" in fig.get_suptitle().replace("\n", " ")
+    assert -3 < low < -2 and 4 < high < 5                    # the finite bar sets the scale, not the unbounded one
+    assert dotted_spans(ax) == [[low, high]]
+    assert "dotted" not in plots.budget_differences(pd.DataFrame(rows[1:]), "test_accuracy").get_suptitle()
     diffs, spreads, acute, trained = verdict_tables(1.0)
     diffs.loc[0, ["ci_low", "ci_high"]] = -np.inf, np.inf
     a = plots.verdict_panels(diffs, spreads, acute, trained, "test_accuracy").axes[0]
-    assert a.get_title(loc="left") == ("(a) Holm 99.75% t intervals, unbounded ones (the same difference on every seed) "
-                                       "to the edge, bars cut at ±100") and a.get_ylim() == (-105, 105)
+    assert a.get_title(loc="left") == "(a) Holm 99.75% t intervals, dotted: unbounded (the same difference on every seed)"
+    assert a.get_ylim()[1] < 5 and dotted_spans(a) == [list(a.get_ylim())]
+
+
+def test_verdict_panels_give_a_one_stack_task_its_row_beside_an_encoder_decoder_one():
+    diffs, spreads, acute, trained = verdict_tables(1.0)
+    other = {"task": "bbc_news"}
+    diffs, spreads = pd.concat([diffs, diffs.assign(**other)]), pd.concat([spreads, spreads.assign(**other)])
+    acute = pd.concat([acute.assign(stack=np.nan), acute.assign(stack="encoder", **other), acute.assign(stack="decoder", **other)])
+    trained = pd.concat([trained.assign(stack=np.nan), trained.assign(stack="encoder", **other),
+                         trained.assign(stack="decoder", **other)])
+    fig = plots.verdict_panels(diffs, spreads, acute, trained, "test_accuracy")
+    titles = [ax.get_title(loc="left")[:19] for ax in fig.axes if ax.axison]
+    assert titles.count("(c, encoder stack) ") == 2 and titles.count("(c, decoder stack) ") == 2
+    assert sum(t.startswith("(c) ") for t in titles) == 2        # the one-stack task: one (c) row, the spare row empty
 
 
 # ---------------------------------------------------------------- generic matrix

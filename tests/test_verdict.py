@@ -197,6 +197,35 @@ def test_claim_c_is_made_per_stack_for_encoder_decoder_students(tmp_path):
         acute_vs_metric(results, acute.drop(columns="stack"), "test_accuracy")
 
 
+def test_claim_c_keeps_one_stack_runs_beside_encoder_decoder_runs(tmp_path):
+    one = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
+    two = one.assign(task="u", run=one.run + "u")
+    results = pd.concat([one, two], ignore_index=True)
+    checkpoints = ["init"] * 9 + ["best"] * 9
+    acute = pd.concat([pd.DataFrame({"run": list(one.run) * 2, "checkpoint": checkpoints, "frac_acute": np.linspace(0.8, 1.0, 18)}),
+                       *[pd.DataFrame({"run": list(two.run) * 2, "checkpoint": checkpoints, "stack": stack,
+                                       "frac_acute": np.linspace(0.5, 0.6, 18)}) for stack in ("encoder", "decoder")]],
+                      ignore_index=True)                          # the one-stack task's rows have no stack (NaN)
+    c = acute_vs_metric(results, acute, "test_accuracy")
+    assert sorted(zip(c.task, c["stack"].fillna("-"))) == [("t", "-"), ("u", "decoder"), ("u", "encoder")]
+    assert c[c.task == "t"].acute_trained.iloc[0] == pytest.approx(acute[acute.run.isin(["forward1", "forward2", "forward0",
+        "reverse0", "reverse1", "reverse2"]) & (acute.checkpoint == "best")].frac_acute.mean())
+    text = (write_verdict(results, acute, tmp_path / "mixed") / "verdict.md").read_text()
+    assert f"(c) Acute angles ({ALL_CELLS})" in text and "(c) Acute angles, decoder stack" in text
+    only_one = acute[acute.run.isin(one.run)].assign(stack=np.nan)  # a stack column with nothing in it
+    assert "stack" not in acute_vs_metric(one, only_one, "test_accuracy").dropna(axis=1, how="all")
+    write_verdict(one, only_one, tmp_path / "empty_stack")
+
+
+def test_a_common_difference_is_said_once_and_a_called_sign_flip_result_says_so(tmp_path):
+    results = _results({"forward": [1.0] * 7, "reverse": [1.0] * 7}, [70.0, 71.0, 72.0, 69.0, 70.0, 73.0, 71.0])
+    acute = pd.DataFrame({"run": results.run, "checkpoint": "best", "frac_acute": np.linspace(0.8, 1.0, len(results))})
+    claim_a = (write_verdict(results, acute, tmp_path) / "verdict.md").read_text().split(" (b) ")[0]
+    assert "**better 2, worse 0, not distinguishable 0**. Every one of them: the same difference, +1.0 points" in claim_a
+    assert claim_a.count("+1.0 points") == 1
+    assert "interval +1.0 to +1.0: the same difference on every seed, exact sign-flip test)" in claim_a
+
+
 def test_verdict_files_and_cli_errors(tmp_path, capsys):
     results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
     acute = pd.DataFrame({"run": list(results.run) * 2, "checkpoint": ["init"] * 9 + ["best"] * 9,
