@@ -50,7 +50,8 @@ EXAMPLES = {
   layergeo sweep analyses/verdict.yaml --only data.task=bbc_news --only seed=0,1   # a slice first""",
     "report": """examples:
   layergeo report runs/classification                        # tables in runs/classification/report/
-  layergeo report runs/classification --paper                # with the paper's published numbers beside""",
+  layergeo report runs/classification --paper                # with the paper's published numbers beside
+  layergeo report --results figures/classification/tables/results_all.csv --paper   # rewrite a saved report's tables""",
     "figures": """examples:
   layergeo figures runs/classification                       # figures in runs/classification/figures/""",
     "explain": """examples:
@@ -173,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=EXAMPLES["report"], formatter_class=fmt,
                             description="Aggregate the finished runs under RUNS_DIR into the paper's layout (CSV, "
                             "Markdown, LaTeX): rows init x strategy, columns task x metric, mean ± std over seeds.")
-    report.add_argument("runs_dir", metavar="RUNS_DIR")
-    report.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/report")
+    report.add_argument("runs_dir", metavar="RUNS_DIR", nargs="?", help="a sweep folder")
+    report.add_argument("--results", metavar="CSV", help="instead of RUNS_DIR: a saved report's results_all.csv, whose "
+                        "tables are rewritten from it (no run folders needed; results_all and provenance.json stay)")
+    report.add_argument("--out", metavar="DIR", help="default: RUNS_DIR/report, or the folder of --results")
     report.add_argument("--paper", action="store_true", help="add the paper's published numbers (their setting) beside ours")
 
     figures = sub.add_parser("figures", help="comparison figures of a sweep", epilog=EXAMPLES["figures"],
@@ -315,12 +318,17 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from layergeo.report import write_report
+    from layergeo.report import tables_from_results, write_report
     from layergeo.runs import check_output_path
 
+    if bool(args.runs_dir) == bool(args.results):
+        raise LayergeoError("give either RUNS_DIR (a sweep folder) or --results CSV (a saved report's results_all.csv)")
     if args.out:
         check_output_path(Path(args.out))
-    out = write_report(args.runs_dir, Path(args.out) if args.out else None, paper=args.paper)
+    if args.results:
+        out = tables_from_results(Path(args.results), Path(args.out) if args.out else None, paper=args.paper)
+    else:
+        out = write_report(args.runs_dir, Path(args.out) if args.out else None, paper=args.paper)
     print((out / "report.md").read_text())
     print(f"tables (CSV, Markdown, LaTeX) in {out}")
     return 0

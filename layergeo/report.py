@@ -332,25 +332,12 @@ def write_report(root: str | Path, out: Path | None = None, paper: bool = False)
     return write_tables(results, out, Path(root).name, paper)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m layergeo.report --results tables/results_all.csv [--paper]``: rewrite every table of a saved
-    report from its results_all.csv (no run folders needed; results_all and provenance.json are left as they are)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m layergeo.report", description=main.__doc__)
-    parser.add_argument("--results", required=True, metavar="CSV", help="a saved report's results_all.csv")
-    parser.add_argument("--out", metavar="DIR", help="default: the folder of --results")
-    parser.add_argument("--title", help="the report's name (default: the name of the folder above --out)")
-    parser.add_argument("--paper", action="store_true", help="add the paper's published numbers (their setting) beside ours")
-    args = parser.parse_args(argv)
-    results_file = Path(args.results)
-    if not results_file.is_file():
-        parser.error(f"{results_file} does not exist")
-    out = Path(args.out) if args.out else results_file.parent
-    write_tables(pd.read_csv(results_file), out, args.title or out.resolve().parent.name, args.paper, with_results=False)
-    print(f"tables in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def tables_from_results(results_file: Path, out: Path | None = None, paper: bool = False) -> Path:
+    """Rewrite every table of a saved report from its results_all.csv (no run folders needed; results_all and
+    provenance.json are left as they are) in ``out`` (default: the folder of ``results_file``), named after the
+    folder above it."""
+    if not Path(results_file).is_file():
+        raise LayergeoError(f"{results_file} does not exist; give a saved report's results_all.csv")
+    out = Path(out) if out else Path(results_file).parent
+    write_tables(pd.read_csv(results_file), out, out.resolve().parent.name, paper, with_results=False)
+    return out

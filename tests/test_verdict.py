@@ -12,7 +12,7 @@ from layergeo.cells import ALL_CELLS
 from layergeo.cli import main
 from layergeo.errors import LayergeoError
 from layergeo import stats
-from layergeo.report import STAT_COLUMNS, main as report_main, paired_differences
+from layergeo.report import STAT_COLUMNS, paired_differences
 from layergeo.verdict import acute_vs_metric, beats_none, spread_vs_noise, write_verdict
 
 
@@ -113,13 +113,17 @@ def test_claim_b_is_tested_within_seeds():
 def test_report_tables_can_be_rewritten_from_results_all(tmp_path, capsys):
     results = _results({"forward": [4, 5, 6], "reverse": [-1, 0, 1]}, [70.0, 71.0, 72.0])
     results.to_csv(tmp_path / "results_all.csv", index=False)
-    assert report_main(["--results", str(tmp_path / "results_all.csv")]) == 0
+    assert main(["report", "--results", str(tmp_path / "results_all.csv")]) == 0
     diff = pd.read_csv(tmp_path / "diff_vs_none.csv").set_index("strategy")
     assert diff.loc["forward", "answer"] == "better" and diff.loc["forward", "p_holm"] == pytest.approx(
         2 * stats.paired_t(np.array([4.0, 5, 6]), np.zeros(3))["p"])
     assert (tmp_path / "diff_vs_forward.md").is_file() and (tmp_path / "report.md").is_file()
     assert not (tmp_path / "results_all.md").exists() and not (tmp_path / "provenance.json").exists()
     assert "Holm-corrected" in (tmp_path / "report.md").read_text()
+    for argv, message in ((["report"], "give either RUNS_DIR"), (["report", str(tmp_path), "--results", "x.csv"], "give either"),
+                          (["report", "--results", str(tmp_path / "missing.csv")], "missing.csv does not exist")):
+        capsys.readouterr()
+        assert main(argv) != 0 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("column, prefix", [("frac_acute", "acute"), ("thales_ratio", "ratio")])
