@@ -780,7 +780,7 @@ def _finite_bar(d: pd.Series) -> list[list[float]] | None:
 
 def _unbounded_bars(ax: plt.Axes, bars: list[tuple[float, str]]) -> None:
     """Unbounded intervals (the same difference on every seed, too few seeds for the sign-flip test to bound
-    it) as dotted lines at x over the whole height the rest of the panel set, which stays as it was."""
+    it), given as (x, colour), as dotted lines over the panel's y-range; the range stays as the rest set it."""
     low, high = ax.get_ylim()
     for x, color in bars:
         ax.vlines(x, low, high, colors=color, linestyles=":", lw=1.3, zorder=1)
@@ -801,6 +801,7 @@ def _stacks(frame: pd.DataFrame) -> list[str | None]:
 
 
 def _in_stack(frame: pd.DataFrame, stack: str | None) -> pd.DataFrame:
+    """The rows of one stack (``_stacks``): None selects the runs of one stack."""
     if "stack" not in frame:
         return frame
     return frame[frame["stack"].isna()] if stack is None else frame[frame["stack"] == stack]
