@@ -366,7 +366,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def run_verdict(args: argparse.Namespace) -> int:
     from layergeo.runs import check_output_path
-    from layergeo.verdict import read_table, verdict_from_sweep, write_verdict
+    from layergeo.report import read_table
+    from layergeo.verdict import verdict_from_sweep, write_verdict
 
     if args.out:
         check_output_path(Path(args.out))

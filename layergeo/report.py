@@ -336,8 +336,22 @@ def tables_from_results(results_file: Path, out: Path | None = None, paper: bool
     """Rewrite every table of a saved report from its results_all.csv (no run folders needed; results_all and
     provenance.json are left as they are) in ``out`` (default: the folder of ``results_file``), named after the
     folder above it."""
-    if not Path(results_file).is_file():
-        raise LayergeoError(f"{results_file} does not exist; give a saved report's results_all.csv")
+    results = read_table(Path(results_file), "--results")
     out = Path(out) if out else Path(results_file).parent
-    write_tables(pd.read_csv(results_file), out, out.resolve().parent.name, paper, with_results=False)
+    write_tables(results, out, out.resolve().parent.name, paper, with_results=False)
     return out
+
+
+def read_table(path: Path, flag: str = "") -> pd.DataFrame:
+    """A CSV written by ``layergeo report``/``figures``, or one line saying why it cannot be read."""
+    name = f"{flag} {path}" if flag else str(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise LayergeoError(f"{name} {what}; give the CSV written by layergeo report/figures")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise LayergeoError(f"{name} cannot be read as a CSV ({reason}); give the file written by "
+                            "layergeo report/figures") from None
+

@@ -42,7 +42,8 @@ from layergeo.budgets import collect_budget_results
 from layergeo.cells import table_cells
 from layergeo.columns import split_column
 from layergeo.errors import LayergeoError
-from layergeo.report import STAT_COLUMNS, collect_results, display, paired_differences, spread, student_runs, summary_stats
+from layergeo.report import (STAT_COLUMNS, collect_results, display, paired_differences, read_table, spread, student_runs,
+                             summary_stats)
 from layergeo.runs import write_text
 from layergeo.stats import ALPHA, MIN_SEEDS, blocked_spread_test
 
@@ -367,17 +368,3 @@ def verdict_from_sweep(root: Path, out: Path | None = None, metric: str = "test_
     results = collect_results(root, runs=runs)
     return write_verdict(results, read_table(acute_file), out or Path(root) / "verdict", metric,
                          collect_budget_results(runs, results))
-
-
-def read_table(path: Path, flag: str = "") -> pd.DataFrame:
-    """A CSV written by ``layergeo report``/``figures``, or one line saying why it cannot be read."""
-    name = f"{flag} {path}" if flag else str(path)
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise LayergeoError(f"{name} {what}; give the CSV written by layergeo report/figures")
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise LayergeoError(f"{name} cannot be read as a CSV ({reason}); give the file written by "
-                            "layergeo report/figures") from None

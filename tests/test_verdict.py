@@ -120,8 +120,11 @@ def test_report_tables_can_be_rewritten_from_results_all(tmp_path, capsys):
     assert (tmp_path / "diff_vs_forward.md").is_file() and (tmp_path / "report.md").is_file()
     assert not (tmp_path / "results_all.md").exists() and not (tmp_path / "provenance.json").exists()
     assert "Holm-corrected" in (tmp_path / "report.md").read_text()
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
     for argv, message in ((["report"], "give either RUNS_DIR"), (["report", str(tmp_path), "--results", "x.csv"], "give either"),
-                          (["report", "--results", str(tmp_path / "missing.csv")], "missing.csv does not exist")):
+                          (["report", "--results", str(tmp_path / "missing.csv")], "missing.csv does not exist"),
+                          (["report", "--results", str(empty)], "cannot be read as a CSV")):
         capsys.readouterr()
         assert main(argv) != 0 and message in capsys.readouterr().err
 
