@@ -332,16 +332,6 @@ def write_report(root: str | Path, out: Path | None = None, paper: bool = False)
     return write_tables(results, out, Path(root).name, paper)
 
 
-def tables_from_results(results_file: Path, out: Path | None = None, paper: bool = False) -> Path:
-    """Rewrite every table of a saved report from its results_all.csv (no run folders needed; results_all and
-    provenance.json are left as they are) in ``out`` (default: the folder of ``results_file``), named after the
-    folder above it."""
-    results = read_table(Path(results_file), "--results")
-    out = Path(out) if out else Path(results_file).parent
-    write_tables(results, out, out.resolve().parent.name, paper, with_results=False)
-    return out
-
-
 def read_table(path: Path, flag: str = "") -> pd.DataFrame:
     """A CSV written by ``layergeo report``/``figures``, or one line saying why it cannot be read."""
     name = f"{flag} {path}" if flag else str(path)
@@ -354,4 +344,14 @@ def read_table(path: Path, flag: str = "") -> pd.DataFrame:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise LayergeoError(f"{name} cannot be read as a CSV ({reason}); give the file written by "
                             "layergeo report/figures") from None
+
+
+def tables_from_results(results_file: Path, out: Path | None = None, paper: bool = False) -> Path:
+    """Rewrite every table of a saved report from its results_all.csv (no run folders needed; results_all and
+    provenance.json are left as they are) in ``out`` (default: the folder of ``results_file``), named after the
+    folder above it."""
+    results = read_table(Path(results_file), "--results")
+    out = Path(out) if out else Path(results_file).parent
+    write_tables(results, out, out.resolve().parent.name, paper, with_results=False)
+    return out
 
