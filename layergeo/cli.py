@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "seeds, paired t-test Holm-corrected over the table, better/worse only when the Holm "
                              "interval excludes 0, no call below 3 seeds)? (b) do the matching strategies differ by more "
                              "than seed noise (within-seed permutation test of the spread and Friedman's test, seeds as "
-                             "blocks; the spread with a seed-bootstrap interval)? (c) how acute are the angles (over the "
+                             "blocks; the spread with a seed-bootstrap interval from 5 seeds)? (c) how acute are the angles (over the "
                              "cells the acute table names; layergeo figures writes student layers >= 1 and teacher pairs "
                              "among layers >= 1; each stack of an encoder-decoder student on its own) untrained "
                              "vs trained, and does the trained fraction, or the trained Thales ratio (distance from a "

@@ -24,7 +24,7 @@ block: every comparison here is within seeds.
   and a within-seed permutation test (``scipy.stats.permutation_test``, ``permutation_type='samples'``:
   the strategy labels are permuted within each seed, (k!)^n relabellings, exact when that is at most
   ``RESAMPLES``) of the spread, max - min of the strategy means; the spread's interval is a BCa bootstrap
-  over seeds (whole seeds resampled, ``paired=True``).
+  over seeds (whole seeds resampled, ``paired=True``), from ``BCA_MIN_SEEDS`` seeds on.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from statsmodels.stats.multitest import multipletests
 
 ALPHA = 0.05
 MIN_SEEDS = 3          # paired t test and interval from 3 seeds on (2 degrees of freedom)
-BCA_MIN_SEEDS = 5      # below 5 seeds the bootstrap mean takes at most 35 distinct values: no BCa interval
+BCA_MIN_SEEDS = 5      # below 5 seeds a seed bootstrap has at most 35 distinct resamples: no BCa interval
 RESAMPLES = 99_999
 RNG_SEED = 0
 
@@ -166,7 +166,8 @@ def blocked_spread_test(table, seed: int = RNG_SEED, resamples: int = RESAMPLES,
     """Do the strategies (columns) of a seeds x strategies ``table`` differ, seed by seed?
 
     Returns n_seeds, n_strategies, spread (max - min of the column means), spread_ci_low/high (BCa
-    bootstrap over whole seeds; NaN below ``MIN_SEEDS`` seeds or when no seed differs), friedman_chi2 and
+    bootstrap over whole seeds; NaN below ``BCA_MIN_SEEDS`` seeds, where resampling seeds gives too few
+    distinct tables for an interval, or when no seed differs), friedman_chi2 and
     friedman_p, p_permutation (within-seed relabelling of the spread, one-sided: spread at least as large)
     permutations (the number drawn, or the exact count when every relabelling was enumerated) and
     null_spread_mean (the mean spread over those relabellings: what seed noise alone gives, since the
@@ -188,7 +189,7 @@ def blocked_spread_test(table, seed: int = RNG_SEED, resamples: int = RESAMPLES,
     if k >= 3 and np.ptp(table, axis=1).any():
         friedman = stats.friedmanchisquare(*samples)
         row |= {"friedman_chi2": float(friedman.statistic), "friedman_p": float(friedman.pvalue)}
-    if n >= MIN_SEEDS and np.ptp(table, axis=1).any():
+    if n >= BCA_MIN_SEEDS and np.ptp(table, axis=1).any():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ci = stats.bootstrap(samples, spread_statistic, paired=True, vectorized=True, confidence_level=level,

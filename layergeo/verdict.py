@@ -11,7 +11,7 @@ so every comparison below is made within seeds (``layergeo.stats``, where scipy 
     inverted interval instead). "better" or "worse" only when that interval excludes 0; below 3 seeds there
     is no interval and no call.
 (b) Do the matching strategies differ more than seed noise? Spread = max - min of the strategy means,
-    with a BCa bootstrap interval over seeds (whole seeds resampled) and the mean spread that relabelling
+    with a BCa bootstrap interval over seeds (whole seeds resampled; from 5 seeds) and the mean spread that relabelling
     within seeds gives; tested by a within-seed permutation test of the spread (strategy labels permuted
     within each seed) and by Friedman's test (seeds as blocks).
 (c) How acute are the angles at the student, untrained vs trained, and does the trained fraction
@@ -339,7 +339,7 @@ def write_verdict(results: pd.DataFrame, acute: pd.DataFrame, out: Path, metric:
               "the same level beside (from 5 seeds); d_z = mean / sd of the differences; no test below 3 seeds; where every "
               "seed gives the same difference, the exact sign-flip test and its inverted interval (unbounded up to 5 seeds: "
               "-inf to inf)",
-              "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds, the mean "
+              "(b) Spread between matching strategies (max - min of means) with a 95% BCa interval over seeds (from 5 seeds), the mean "
               "spread under within-seed relabelling, the within-seed permutation p and Friedman's test (seeds as blocks)",
               "(c) Fraction of acute angles and Thales ratio at the student over the cells named (cells), per stack where "
               "students have two; Spearman of "

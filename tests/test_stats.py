@@ -178,11 +178,14 @@ def test_bca_interval_of_a_mean_matches_enumerated_bootstrap():
 
 
 def test_spread_interval_resamples_whole_seeds():
-    table = np.array([[70.0, 72.0, 69.0], [65.0, 68.0, 66.5], [71.0, 71.5, 68.0], [68.0, 71.0, 67.0]])  # 4 seeds x 3
+    table = np.array([[70.0, 72.0, 69.0], [65.0, 68.0, 66.5], [71.0, 71.5, 68.0], [68.0, 71.0, 67.0],
+                      [69.0, 70.5, 70.0]])                           # 5 seeds x 3
     result = stats.blocked_spread_test(table)
-    want = _bca_enumerated(table, lambda rows: np.ptp(rows.mean(0)), 0.95)   # 4^4 = 256 seed resamples
-    assert result["spread"] == pytest.approx(3.0)                    # means 68.5, 70.625, 67.625
+    want = _bca_enumerated(table, lambda rows: np.ptp(rows.mean(0)), 0.95)   # 5^5 = 3,125 seed resamples
+    assert result["spread"] == pytest.approx(2.5)                    # means 68.6, 70.6, 68.1
     assert (result["spread_ci_low"], result["spread_ci_high"]) == pytest.approx(want, abs=0.1)
+    below = stats.blocked_spread_test(table[:4])                     # 4 seeds: 35 distinct resamples, no interval
+    assert below["spread"] == pytest.approx(3.0) and np.isnan(below["spread_ci_low"]) and np.isnan(below["spread_ci_high"])
 
 
 # ---------------------------------------------------------------- strategies differ: within-seed tests
