@@ -29,7 +29,7 @@ EXAMPLES = {
   layergeo train --config runs/reverse/config.yaml --out runs/reverse --resume""",
     "mapping": """examples:
   layergeo mapping --teacher-layers 12 --student-layers 3 --strategy reverse --format json
-  layergeo mapping --teacher-layers 6 --student-layers 3 --strategy rail --epoch 2
+  layergeo mapping --teacher-layers 6 --student-layers 3 --strategy rail --draw 2   # RAIL's third draw
   layergeo mapping --teacher-layers 12 --student-layers 3 --strategy 1:4,2:8,3:12
   layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy shuffle
   layergeo mapping --family seq2seq --teacher-layers 6 --student-layers 3 --strategy encoder:1:2,decoder:1:6
@@ -112,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--strategy", default="forward", help=f"{', '.join(strategy_names())}, or pairs like 1:4,2:8,3:12")
     mapping.add_argument("--target", type=int, help="all_to_one target teacher layer (default: the middle one)")
     mapping.add_argument("--no-embeddings", action="store_true", help="leave out the S0->T0 embedding pair")
-    mapping.add_argument("--shuffle", choices=["fair", "any", "distinct"], default="fair",
-                         help="shuffle: exclude forward/reverse orders (fair), or not (any), or fair and distinct across seeds (distinct)")
+    mapping.add_argument("--shuffle", choices=["distinct", "fair", "any"], default="distinct",
+                         help="shuffle: neither forward nor reverse and distinct across seeds 0..N-1 (distinct, the "
+                              "default), neither forward nor reverse drawn per seed (fair), or any order (any)")
     mapping.add_argument("--seed", type=int, default=0, help="seed of shuffle and rail")
-    mapping.add_argument("--epoch", type=int, default=0, help="rail: the epoch whose draw to show")
+    mapping.add_argument("--draw", "--epoch", dest="draw", type=int, default=0,
+                         help="rail: which draw to show, from 0; a run redraws matching.rail_draws times (10 by "
+                              "default: draw k from step k x ceil(steps / 10)), or every epoch with rail_draws null")
     mapping.add_argument("--family", default="encoder",
                          help="model family, encoder (default), seq2seq or causal: each of its stacks gets the mapping "
                          "(seq2seq: encoder and decoder, each with its own shuffle and rail draws; causal: the decoder, "
@@ -465,8 +468,8 @@ def run_mapping(args: argparse.Namespace) -> int:
     for flag, value in (("--teacher-layers", args.teacher_layers), ("--student-layers", args.student_layers)):
         if value < 1:
             raise LayergeoError(f"{flag} {value}: give a number of layers of at least 1")
-    if args.epoch < 0:
-        raise LayergeoError(f"--epoch {args.epoch}: epochs count from 0")
+    if args.draw < 0:
+        raise LayergeoError(f"--draw {args.draw}: draws count from 0")
     if args.seed < 0:
         raise LayergeoError(f"--seed {args.seed}: give a seed of at least 0")
     if args.student_layers > args.teacher_layers:
@@ -475,15 +478,15 @@ def run_mapping(args: argparse.Namespace) -> int:
     options = MappingOptions(strategy=args.strategy, embeddings=not args.no_embeddings, target=args.target, shuffle=args.shuffle)
     stacks = get_family(args.family).stacks
     mapping = build_mapping(options, {stack: (args.teacher_layers, args.student_layers) for stack in stacks}, args.seed)
-    per_stack = mapping.pairs_at(args.epoch, 0)
+    per_stack = mapping.pairs_at(args.draw, 0)
     if args.format == "json":
-        logged = mapping.logged(args.epoch, 0)
+        logged = mapping.logged(args.draw, 0)
         pairs = [list(p) for p in logged] if isinstance(logged, list) else {k: [list(p) for p in v] for k, v in logged.items()}
         print(json.dumps({"strategy": mapping.name, "pairs": pairs}))
         return 0
     each = " per stack" if len(stacks) > 1 else ""
     print(f"strategy {mapping.name}: {args.teacher_layers}-layer teacher, {args.student_layers}-layer student{each}"
-          + (f" ({mapping.note})" if mapping.note else "") + (f", epoch {args.epoch} draw" if mapping.dynamic else ""))
+          + (f" ({mapping.note})" if mapping.note else "") + (f", draw {args.draw}" if mapping.dynamic else ""))
     for stack, pairs in per_stack.items():
         print(("" if len(stacks) == 1 else f"{stack}\n") + "student  teacher")
         for s, t in pairs:

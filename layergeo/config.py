@@ -229,7 +229,15 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
     for item in overrides:
         key, value = split_key_value(item, "override", "key=value, e.g. student.layers=3")
         raw = _deep_merge(raw, _nested(key.split("."), command_line_value(value, item, "override")))
-    return validate(from_dict(RunConfig, raw))
+    return validate(_period_replaces_draws(from_dict(RunConfig, raw)))
+
+
+def _period_replaces_draws(config: RunConfig) -> RunConfig:
+    """``matching.rail_every_steps``, when set, replaces ``matching.rail_draws`` (10 by default): the resolved config
+    (and so ``config.yaml``) names the one RAIL schedule the run trains, as ``max_steps`` replaces ``epochs``."""
+    if config.matching.rail_every_steps is not None:
+        config.matching.rail_draws = None
+    return config
 
 
 def _read_config_file(path: Path, complete: bool) -> dict[str, Any]:
@@ -370,9 +378,6 @@ def _matching(options: MappingOptions) -> None:
     _integer("matching.target", options.target, 0, optional=True, rule="it must be null or a teacher state >= 0")
     _integer("matching.rail_every_steps", options.rail_every_steps, 1, optional=True)
     _integer("matching.rail_draws", options.rail_draws, 1, optional=True)
-    if options.rail_draws is not None and options.rail_every_steps is not None:
-        raise LayergeoError("config keys 'matching.rail_draws' and 'matching.rail_every_steps' are both set; give one "
-                            "(draws over the run, or a period in steps)")
     _choice("matching.shuffle", options.shuffle, SHUFFLE_MODES)
 
 

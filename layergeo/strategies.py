@@ -29,6 +29,7 @@ import numpy as np
 from layergeo.errors import LayergeoError
 
 Pair = tuple[int, int]
+DEFAULT_RAIL_DRAWS = 10  # rail redraws 10 times over a run unless told otherwise (MappingOptions.rail_draws)
 
 
 @dataclass
@@ -39,11 +40,14 @@ class MappingOptions:
     embeddings: bool = True  # add the S0 -> T0 pair (all_to_one maps S0 to its target instead)
     target: int | None = None  # all_to_one target; the middle teacher layer when None
     pairs: str | None = None  # explicit "1:4,2:8,3:12"
-    rail_every_steps: int | None = None  # rail: resample every N steps instead of every epoch
-    rail_draws: int | None = None  # rail: resample this many times over the run (every ceil(total steps / N) steps)
-    # "fair": neither forward nor reverse order; "any": any permutation; "distinct": fair, and the seeds of a grid
-    # train distinct permutations as far as there are any (seed s takes the s-th of a fixed order, modulo their number)
-    shuffle: str = "fair"
+    # rail: resample this many times over the run (every ceil(total steps / N) steps), so a run of any length sees
+    # several mappings; rail_every_steps, when set, gives the period in steps instead; both null: every epoch
+    rail_every_steps: int | None = None
+    rail_draws: int | None = DEFAULT_RAIL_DRAWS
+    # "distinct": neither forward nor reverse, and the seeds of a grid train distinct permutations as far as there are
+    # any (seed s takes the s-th of a fixed order, modulo their number); "fair": neither forward nor reverse, drawn
+    # per seed (seeds may repeat an order); "any": any permutation
+    shuffle: str = "distinct"
 
 
 def forward_targets(teacher_layers: int, student_layers: int) -> list[int]:
@@ -161,7 +165,8 @@ class Mapper:
 class RailMapper(Mapper):
     """RAIL-KD in-order random: L_S distinct teacher layers, sorted, redrawn each period.
 
-    A period is an epoch, or ``every_steps`` optimiser steps when given. The draw
+    A period is ``every_steps`` optimiser steps (:func:`rail_schedule` makes it from ``rail_draws``, 10 draws
+    per run by default), or an epoch when it is None. The draw
     for period p uses its own generator seeded by (seed, p), so it does not depend
     on data order or on how many draws came before.
     """
@@ -391,8 +396,9 @@ def _distinct_shuffle(lt: int, ls: int, options: MappingOptions, seed: int, stre
 
 
 def rail_schedule(options: MappingOptions, total_steps: int) -> MappingOptions:
-    """``options`` with ``rail_draws`` turned into a period of steps (``rail_every_steps``) for a run of ``total_steps``."""
-    if options.rail_draws is None:
+    """``options`` with ``rail_draws`` turned into a period of steps (``rail_every_steps``) for a run of ``total_steps``;
+    unchanged when a period is already given (it wins) or both are null (every epoch)."""
+    if options.rail_draws is None or options.rail_every_steps is not None:
         return options
     return dataclasses.replace(options, rail_every_steps=max(1, math.ceil(total_steps / options.rail_draws)))
 

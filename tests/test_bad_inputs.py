@@ -139,8 +139,6 @@ for key, values in OTHER_BAD.items():
         case(f"train-set-{key}={value}", "train", *TINY, "--set", f"{key}={value}", "--out", "{tmp}/out")
 for key, value in [("seed", "-1"), ("data.max_length", "0"), ("data.max_train", "0")]:
     case(f"teacher-set-{key}={value}", "teacher", *TINY, "--set", f"{key}={value}", "--out", "{tmp}/out")
-case("train-set-rail-draws-and-period", "train", *TINY, "--set", "matching.rail_draws=4", "--set",
-     "matching.rail_every_steps=2", "--out", "{tmp}/out")
 case("train-set-lora-on-an-encoder", "train", *TINY, "--set", "student.lora.r=8", "--out", "{tmp}/out")
 case("train-set-unknown-tracker", "train", *TINY, "--set", "train.log_with=tensorbored", "--out", "{tmp}/out")
 case("train-set-tracker-not-installed", "train", *TINY, "--set", "train.log_with=aim", "--out", "{tmp}/out")

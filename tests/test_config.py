@@ -173,6 +173,16 @@ def test_layer_pairs_stay_strings():
     assert load_config(overrides=["matching.pairs=1:4,2:8"]).matching.pairs == "1:4,2:8"
 
 
+def test_a_rail_period_replaces_the_default_draws_and_the_resolved_config_says_so():
+    assert load_config(preset="tiny").matching.rail_draws == 10
+    period = load_config(preset="tiny", overrides=["matching.rail_every_steps=7"]).matching
+    assert (period.rail_every_steps, period.rail_draws) == (7, None)
+    both = load_config(preset="tiny", overrides=["matching.rail_draws=4", "matching.rail_every_steps=2"]).matching
+    assert (both.rail_every_steps, both.rail_draws) == (2, None)  # the period wins, as max_steps wins over epochs
+    per_epoch = load_config(preset="tiny", overrides=["matching.rail_draws=null"]).matching
+    assert (per_epoch.rail_every_steps, per_epoch.rail_draws) == (None, None)
+
+
 def test_yaml_round_trip(tmp_path):
     config = load_config(
         preset="tiny",

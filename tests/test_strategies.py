@@ -341,9 +341,21 @@ def test_distinct_shuffle_gives_the_seeds_of_a_grid_distinct_fair_orders_until_t
     assert orders[n_fair:] == orders[:2]  # then they repeat, in the same order
     note = build_mapper(options, lt, ls, 1).note
     assert f"of the {n_fair} fair orders" in note
-    # another stack has its own fixed order of the orders
-    stacked = build_mapping(options, {"encoder": (lt, ls), "decoder": (lt, ls)}, 0).pairs_at()
-    assert stacked["encoder"] == build_mapper(options, lt, ls, 0).pairs_at()
+    # stack 0 draws as a one-stack run; another stack goes through the same fair orders in its own fixed order
+    stacks = [build_mapping(options, {"encoder": (lt, ls), "decoder": (lt, ls)}, seed).pairs_at()
+              for seed in range(n_fair)]
+    assert [s["encoder"] for s in stacks] == [build_mapper(options, lt, ls, seed).pairs_at() for seed in range(n_fair)]
+    decoder = [tuple(t for _, t in s["decoder"]) for s in stacks]
+    assert set(decoder) == fair
+    assert decoder != [tuple(o) for o in orders[:n_fair]]
+
+
+def test_the_default_shuffle_is_distinct_and_the_default_rail_redraws_ten_times():
+    options = MappingOptions(strategy="shuffle", embeddings=False)
+    assert options.shuffle == "distinct"
+    orders = {tuple(t for _, t in build_mapper(options, 6, 3, seed).pairs_at()) for seed in range(4)}
+    assert len(orders) == 4  # the four fair orders of 3 of 6 layers, one per seed
+    assert MappingOptions().rail_draws == 10
 
 
 def test_rail_draws_spread_that_many_draws_over_the_run():
@@ -354,5 +366,7 @@ def test_rail_draws_spread_that_many_draws_over_the_run():
     assert scheduled.rail_every_steps == 8  # ceil(30 / 4): periods 0..3 over steps 0..29
     mapper = build_mapper(scheduled, 12, 3, seed=0)
     assert {mapper.period(0, step) for step in range(30)} == {0, 1, 2, 3}
-    assert rail_schedule(MappingOptions(strategy="rail"), 30).rail_every_steps is None
+    assert rail_schedule(MappingOptions(strategy="rail"), 30).rail_every_steps == 3  # the default: 10 draws
+    assert rail_schedule(MappingOptions(strategy="rail", rail_draws=None), 30).rail_every_steps is None  # every epoch
+    assert rail_schedule(MappingOptions(strategy="rail", rail_every_steps=7), 30).rail_every_steps == 7  # a period wins
     assert rail_schedule(MappingOptions(strategy="rail", rail_draws=50), 30).rail_every_steps == 1

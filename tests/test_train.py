@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModel, AutoTokenizer
 
 import layergeo.distil as train_module
@@ -170,6 +171,17 @@ def test_term_gradient_norms_and_random_init_budget(tiny_run, tmp_path):
     copy = tmp_path / "copy"
     assert _train(copy, tiny_run / "teacher", "train.random_init_epochs=2") == 0
     assert [r for r in read_jsonl(copy / "metrics.jsonl") if "loss" in r][-1]["step"] == 8
+
+
+def test_default_rail_redraws_within_a_one_epoch_run_and_logs_every_draw(tmp_path):
+    out = tmp_path / "rail"
+    assert main(["train", "--preset", "tiny", "--set", "device=cpu", "--set", "matching.strategy=rail",
+                 "--out", str(out)]) == 0  # 1 epoch of 8 steps; 10 draws by default: a draw every step
+    logged = [json.loads(line) for line in (out / "mapping.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(8))
+    assert len({json.dumps(r["pairs"]) for r in logged}) >= 2  # several distinct mappings, not one
+    saved = yaml.safe_load((out / "config.yaml").read_text())["matching"]
+    assert (saved["rail_draws"], saved["rail_every_steps"], saved["shuffle"]) == (10, None, "distinct")
 
 
 def test_rail_draws_redraws_that_many_times_and_logs_every_draw(tmp_path):
