@@ -406,7 +406,8 @@ def rail_schedule(options: MappingOptions, total_steps: int) -> MappingOptions:
 @register("rail")
 def _rail(lt: int, ls: int, options: MappingOptions, seed: int, stream: int = 0) -> Mapper:
     if options.rail_every_steps is not None and options.rail_every_steps < 1:
-        raise LayergeoError("matching.rail_every_steps must be a positive number of steps (or null for every epoch)")
+        raise LayergeoError("matching.rail_every_steps must be a positive number of steps "
+                            "(or null for matching.rail_draws draws over the run)")
     return RailMapper(lt, ls, seed, options.embeddings, options.rail_every_steps, stream)
 
 
