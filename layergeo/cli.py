@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "default), neither forward nor reverse drawn per seed (fair), or any order (any)")
     mapping.add_argument("--seed", type=int, default=0, help="seed of shuffle and rail")
     mapping.add_argument("--draw", "--epoch", dest="draw", type=int, default=0,
-                         help="rail: which draw to show, from 0; a run redraws matching.rail_draws times (10 by "
-                              "default: draw k from step k x ceil(steps / 10)), or every epoch with rail_draws null")
+                         help="rail: which draw to show, from 0; draw k trains from step k x ceil(steps / matching.rail_draws) "
+                              "(rail_draws 10 by default, so at most 10 draws: 8 in a 32-step run), or from epoch k "
+                              "with rail_draws null")
     mapping.add_argument("--family", default="encoder",
                          help="model family, encoder (default), seq2seq or causal: each of its stacks gets the mapping "
                          "(seq2seq: encoder and decoder, each with its own shuffle and rail draws; causal: the decoder, "

@@ -29,7 +29,7 @@ import numpy as np
 from layergeo.errors import LayergeoError
 
 Pair = tuple[int, int]
-DEFAULT_RAIL_DRAWS = 10  # rail redraws 10 times over a run unless told otherwise (MappingOptions.rail_draws)
+DEFAULT_RAIL_DRAWS = 10  # rail redraws every ceil(steps / 10) steps unless told otherwise: at most 10 draws a run
 
 
 @dataclass
@@ -165,8 +165,8 @@ class Mapper:
 class RailMapper(Mapper):
     """RAIL-KD in-order random: L_S distinct teacher layers, sorted, redrawn each period.
 
-    A period is ``every_steps`` optimiser steps (:func:`rail_schedule` makes it from ``rail_draws``, 10 draws
-    per run by default), or an epoch when it is None. The draw
+    A period is ``every_steps`` optimiser steps (:func:`rail_schedule` makes it ⌈total / ``rail_draws``⌉ steps,
+    so at most 10 draws per run by default), or an epoch when it is None. The draw
     for period p uses its own generator seeded by (seed, p), so it does not depend
     on data order or on how many draws came before.
     """
