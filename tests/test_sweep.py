@@ -163,7 +163,6 @@ def test_sweep_through_submitit_local_executor(tmp_path):
 
 def test_a_grid_of_blocks_is_the_union_of_their_products(tmp_path):
     from layergeo.errors import LayergeoError
-    from layergeo.errors import LayergeoError
     from layergeo.sweep import load_grid, plan, restrict
 
     grid = tmp_path / "blocks.yaml"
