@@ -5,7 +5,10 @@ by their knob setting (loss normalisation, alpha_hidden, random-init lr and epoc
 each setting by the mean dev accuracy of its `forward` students and of the `none` students trained
 with the same lr, epochs and warm-up (both must be present),
 and prints the ranking and the winner as grid lines for the verdict recipe. Other strategies, if
-present, are ignored: the setting must not be chosen by the strategy gap it is meant to measure.
+present, are ignored. The `none` students do not depend on the hidden-loss knobs, so among settings of
+one lr, epochs and warm-up the choice is decided by forward's dev accuracy alone and can favour forward
+against none; analyses/pilot_length.py picks run lengths from the none students alone instead (the
+full-split verdict's rule).
 With --out it also writes ranking.csv, selection.json (the winner, its scores and the dev
 majority-class rate they must beat) and loss_terms.png/.pdf (the loss terms and gradient norms
 of the none and forward students at the winner's lr, epochs and warm-up, one line per
